@@ -1,0 +1,1 @@
+"""Test helpers shared by several test layers (import as `tests.helpers.<module>`)."""

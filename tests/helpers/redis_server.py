@@ -1,0 +1,101 @@
+"""Real redis-server processes for tests, started through the node's own EmbeddedRedis.
+
+Usable from sync code (session fixtures, process-level tests) because the server process
+is not tied to an event loop: each call runs on a private loop and leaves the test's loop
+alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from service.storage.embedded import EmbeddedRedis
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run coro on a private loop. From async code, await EmbeddedRedis directly instead:
+    a worker thread would not do, since the server dies with the thread that started it."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        coro.close()
+        raise RuntimeError("helpers.redis_server sync calls cannot run inside an event loop")
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+def start_redis(data_dir: Path, port: int | None = None, **options: Any) -> EmbeddedRedis:
+    server = EmbeddedRedis(data_dir, port if port is not None else free_port(), **options)
+    run_sync(server.start())
+    return server
+
+
+def stop_redis(server: EmbeddedRedis) -> None:
+    run_sync(server.stop())
+
+
+@contextmanager
+def redis_server(
+    data_dir: Path, port: int | None = None, **options: Any
+) -> Iterator[EmbeddedRedis]:
+    server = start_redis(data_dir, port, **options)
+    try:
+        yield server
+    finally:
+        stop_redis(server)
+
+
+@asynccontextmanager
+async def running_redis(
+    data_dir: Path, port: int | None = None, **options: Any
+) -> AsyncIterator[EmbeddedRedis]:
+    """The async counterpart of redis_server, for use inside async tests."""
+    server = EmbeddedRedis(data_dir, port if port is not None else free_port(), **options)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def process_gone(pid: int) -> bool:
+    """True once pid has exited (a zombie awaiting its reaper counts as exited)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not process_gone(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
