@@ -1,0 +1,139 @@
+"""Request plumbing shared by every route: JSON bodies, validation helpers, middleware."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from service.api.errors import ApiError, bad_request, error_response
+from service.metrics import NodeMetrics
+from service.raft.core import NotLeader, TooManyPending, TransferInProgress
+from service.raft.runner import ProposalDropped, RunnerStopped
+
+log = logging.getLogger("dsync.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+METRICS_KEY: web.AppKey[NodeMetrics] = web.AppKey("metrics", NodeMetrics)
+MAX_BODY_KEY: web.AppKey[int] = web.AppKey("max_body", int)
+
+
+async def read_json(request: web.Request, *, required: bool = True) -> dict[str, Any]:
+    """The request's JSON object; 413 when too large, 400 when not a JSON object."""
+    limit = request.app[MAX_BODY_KEY]
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "too_large", f"request body is over {limit} bytes")
+    try:
+        # request.read() caches the body, so forwarding can still send it on after a read.
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise ApiError(413, "too_large", f"request body is over {limit} bytes") from exc
+    if not raw.strip():
+        if required:
+            raise bad_request("a JSON object body is required", "bad_json")
+        return {}
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_request(f"body is not valid JSON: {exc}", "bad_json") from exc
+    if not isinstance(body, dict):
+        raise bad_request("body must be a JSON object", "bad_json")
+    return body
+
+
+def field_str(
+    body: dict[str, Any], name: str, *, required: bool = True, max_bytes: int = 256
+) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise bad_request(f"'{name}' is required")
+        return None
+    if not isinstance(value, str) or not value:
+        raise bad_request(f"'{name}' must be a non-empty string")
+    if len(value.encode()) > max_bytes:
+        raise bad_request(f"'{name}' is longer than {max_bytes} bytes")
+    return value
+
+
+def field_int(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"'{name}' must be an integer")
+    if not low <= value <= high:
+        raise bad_request(f"'{name}' must be between {low} and {high}")
+    return value
+
+
+def request_id_of(request: web.Request, body: dict[str, Any]) -> str | None:
+    rid = body.get("request_id", request.headers.get("X-Request-Id"))
+    if rid is None:
+        return None
+    if not isinstance(rid, str) or not rid or len(rid) > 128:
+        raise bad_request("'request_id' must be a string of 1-128 characters")
+    return rid
+
+
+def raft_error_response(exc: Exception) -> web.Response | None:
+    """Map consensus-layer failures a client can act on to clear answers."""
+    if isinstance(exc, TooManyPending):
+        return error_response(429, "too_busy", str(exc))
+    if isinstance(exc, NotLeader):
+        return error_response(503, "no_leader", "no leader is known right now; retry shortly")
+    if isinstance(exc, TransferInProgress | RunnerStopped):
+        return error_response(503, "unavailable", f"{exc}; retry shortly")
+    if isinstance(exc, ProposalDropped):
+        return error_response(
+            503, "unavailable", "leader changed and the request was not applied; retry it"
+        )
+    if isinstance(exc, TimeoutError):
+        return error_response(
+            503,
+            "unavailable",
+            "timed out waiting for the cluster; the outcome is unknown, retry with the "
+            "same request_id to apply it at most once",
+        )
+    return None
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, **exc.extra)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            exc.status, "http_error"
+        )
+        return error_response(exc.status, code, exc.reason or code)
+    except Exception as exc:
+        mapped = raft_error_response(exc)
+        if mapped is not None:
+            return mapped
+        log.exception("unhandled error", extra={"path": request.path})
+        return error_response(500, "internal", "internal error; see the node's log")
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        metrics = request.app[METRICS_KEY]
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        metrics.http_request_seconds.labels(
+            metrics.node_id, name, request.method, str(status)
+        ).observe(time.perf_counter() - started)

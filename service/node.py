@@ -1,0 +1,281 @@
+"""One dsync node: its Redis, its Raft runner, its services and its HTTP server.
+
+Start order matters: Redis (and migrations) first, so the node can load what it persisted;
+then the HTTP server, so /health answers while peers that were listed by bare URL are asked
+for their ids; then Raft. Stop order is the reverse, after leadership is handed over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from aiohttp import web
+
+from service.config import ConfigError, Settings, resolve_peer_ids
+from service.kv.machine import KvStateMachine
+from service.machines import MachineRegistry
+from service.metrics import NodeMetrics
+from service.raft.core import RaftConfig, RaftCore, Role
+from service.raft.runner import RaftRunner, decode_snapshot_data
+from service.statemachine import StateMachine
+from service.storage.embedded import EmbeddedRedis
+from service.storage.migrate import migrate
+from service.storage.redis_store import RedisRaftStorage, RedisStateStore
+from service.transport.forward import LeaderClient
+from service.transport.http import HttpTransport
+
+log = logging.getLogger("dsync.node")
+
+
+class StartupError(Exception):
+    """The node cannot start; the message is one line for the operator."""
+
+
+@dataclass
+class Node:
+    settings: Settings
+    metrics: NodeMetrics = field(init=False)
+    redis: aioredis.Redis | None = None
+    embedded: EmbeddedRedis | None = None
+    storage: RedisRaftStorage | None = None
+    state: RedisStateStore | None = None
+    runner: RaftRunner | None = None
+    transport: HttpTransport | None = None
+    forwarder: LeaderClient | None = None
+    kv: KvStateMachine = field(default_factory=KvStateMachine)
+    peer_urls: dict[str, str] = field(default_factory=dict)
+    services: list[Any] = field(default_factory=list)
+    _site_runner: web.AppRunner | None = None
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.metrics = NodeMetrics(self.settings.node_id)
+
+    @property
+    def node_id(self) -> str:
+        return self.settings.node_id
+
+    @property
+    def self_url(self) -> str:
+        host = self.settings.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.settings.port}"
+
+    # --- start ------------------------------------------------------------------
+
+    async def start(self, app_factory: Any) -> None:
+        await self._start_redis()
+        assert self.redis is not None
+        await migrate(self.redis)
+        self.storage = RedisRaftStorage(self.redis)
+        self.state = RedisStateStore(self.redis)
+        await self._start_http(app_factory)
+        settings = self.settings
+        if settings.mode == "single":
+            peers: dict[str, str] = {}
+        else:
+            try:
+                settings = await resolve_peer_ids(settings)
+            except ConfigError as exc:
+                raise StartupError(str(exc)) from exc
+            self.settings = settings
+            peers = {p.node_id: p.url for p in settings.peers if p.node_id is not None}
+        self.peer_urls = peers
+        await self._start_raft(tuple(sorted([self.node_id, *peers])))
+        log.info(
+            "node started",
+            extra={"url": self.self_url, "peers": peers, "mode": settings.mode},
+        )
+
+    async def _start_redis(self) -> None:
+        settings = self.settings
+        url = settings.redis_url
+        if url is None:
+            self.embedded = EmbeddedRedis(settings.data_dir, settings.redis_port)
+            try:
+                await self.embedded.start()
+            except Exception as exc:
+                raise StartupError(f"embedded redis-server: {exc}") from exc
+            url = self.embedded.url
+        self.redis = aioredis.Redis.from_url(
+            url, socket_timeout=10, socket_connect_timeout=3, health_check_interval=30
+        )
+        try:
+            await self.redis.ping()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StartupError(f"REDIS_URL: cannot reach Redis at {_redact(url)}: {exc}") from exc
+
+    async def _start_http(self, app_factory: Any) -> None:
+        app = app_factory(self)
+        self._site_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._site_runner.setup()
+        site = web.TCPSite(self._site_runner, self.settings.host, self.settings.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(
+                f"PORT: cannot listen on {self.settings.host}:{self.settings.port}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+
+    def state_machines(self) -> list[StateMachine]:
+        machines: list[StateMachine] = [self.kv]
+        for service in self.services:
+            machines.extend(service.state_machines())
+        return machines
+
+    async def _start_raft(self, voters: tuple[str, ...]) -> None:
+        assert self.storage is not None and self.state is not None
+        settings = self.settings
+        registry = MachineRegistry(self.state_machines())
+        hard_state = await self.storage.load_hard_state()
+        snapshot = await self.storage.load_snapshot()
+        first, last = await self.storage.first_index(), await self.storage.last_index()
+        entries = await self.storage.entries(first, last + 1)
+        applied = await self.state.load_applied_index()
+        if snapshot is not None and applied < snapshot.meta.index:
+            # A crash came between persisting a received snapshot and materialising it.
+            hashes = decode_snapshot_data(snapshot.data)
+            await self.state.replace_all(registry.prefixes, hashes, snapshot.meta.index)
+            applied = snapshot.meta.index
+        else:
+            hashes = {}
+            for prefix in registry.prefixes:
+                hashes.update(await self.state.load_prefix(prefix))
+        registry.load(hashes)
+        config = RaftConfig(
+            election_ticks=settings.election_ticks, heartbeat_ticks=settings.heartbeat_ticks
+        )
+        core = RaftCore(
+            self.node_id,
+            voters,
+            random.Random(),
+            config,
+            hard_state=hard_state,
+            snapshot=snapshot,
+            entries=entries,
+            applied=applied,
+        )
+        log.info(
+            "loaded raft state",
+            extra={
+                "term": hard_state.term,
+                "vote": hard_state.vote,
+                "log_first": first,
+                "log_last": last,
+                "applied": applied,
+                "snapshot": snapshot.meta.index if snapshot else 0,
+            },
+        )
+        self.runner = RaftRunner(
+            core,
+            self.storage,
+            self.state,
+            registry,
+            self.metrics,
+            tick_seconds=settings.tick_ms / 1000,
+            snapshot_threshold=settings.snapshot_threshold,
+            retryable_errors=(
+                redis.exceptions.ConnectionError,
+                redis.exceptions.TimeoutError,
+                OSError,
+            ),
+        )
+        self.transport = HttpTransport(
+            self.node_id,
+            self.peer_urls,
+            self.runner.deliver,
+            secret=settings.cluster_secret,
+        )
+        self.runner.transport = self.transport
+        # Few, quick connection retries: when the leader is unreachable the API layer
+        # waits for the next election and forwards there instead.
+        self.forwarder = LeaderClient(
+            self.node_id,
+            secret=settings.cluster_secret,
+            connect_timeout=0.5,
+            max_attempts=2,
+            retry_deadline=0.25,
+            connections_per_host=128,
+        )
+        await self.transport.start()
+        for service in self.services:
+            service.attach(self.runner)
+        self.runner.start()
+
+    # --- queries used by the API -------------------------------------------------
+
+    def leader_url(self) -> str | None:
+        if self.runner is None:
+            return None
+        leader = self.runner.core.leader
+        if leader is None or leader == self.node_id:
+            return None
+        return self.peer_urls.get(leader)
+
+    def is_leader(self) -> bool:
+        return self.runner is not None and self.runner.core.role == Role.LEADER
+
+    async def wait_for_leader(self, timeout: float, other_than: str | None = None) -> str | None:
+        """The leader's id, waiting up to timeout for an election to finish (and, with
+        other_than, for a leader other than one found unreachable)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            leader = self.runner.core.leader if self.runner is not None else None
+            if leader is not None and leader != other_than:
+                return leader
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(0.02)
+
+    # --- stop -------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Graceful shutdown: hand leadership to the most caught-up peer, then stop."""
+        runner = self.runner
+        if runner is not None and runner.core.role == Role.LEADER and self.peer_urls:
+            target = _best_transfer_target(runner)
+            if target is not None:
+                with contextlib.suppress(Exception):
+                    await runner.transfer_leadership(target, timeout=2.0)
+                    log.info("leadership transferred", extra={"to": target})
+        for service in self.services:
+            with contextlib.suppress(Exception):
+                await service.stop()
+        if runner is not None:
+            await runner.stop()
+        if self.transport is not None:
+            await self.transport.close()
+        if self.forwarder is not None:
+            await self.forwarder.close()
+        if self._site_runner is not None:
+            await self._site_runner.cleanup()
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self.embedded is not None:
+            await self.embedded.stop()
+        self._stopped.set()
+
+
+def _best_transfer_target(runner: RaftRunner) -> str | None:
+    progress = runner.core.status().progress
+    if not progress:
+        return None
+    return max(progress, key=lambda peer: (progress[peer][0], peer))
+
+
+def _redact(url: str) -> str:
+    # Never print a password from REDIS_URL.
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

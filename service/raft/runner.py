@@ -1,0 +1,428 @@
+"""The asyncio driver of one Raft node: the only place that does I/O for consensus.
+
+Each loop turn: step every message that arrived, start every queued proposal/read, tick if
+a tick is due, then handle the core's Ready in the order that keeps Raft safe:
+persist (one Redis round trip: group commit) -> send -> apply (state writes and the applied
+index in one transaction) -> advance. Requests that arrive while a turn awaits Redis are
+batched into the next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from service.commands import CommandDecodeError, decode_command, encode_command
+from service.machines import MachineRegistry
+from service.metrics import NodeMetrics
+from service.raft.core import RaftCore, RaftError, RaftStatus, Role
+from service.raft.messages import EntryKind, Message, Ready, Snapshot
+from service.statemachine import Command
+from service.storage.protocols import RaftStorage, StateStore
+
+log = logging.getLogger("dsync.raft")
+
+
+class ProposalDropped(RaftError):
+    """The entry was overwritten by another leader: the command did not apply."""
+
+
+class RunnerStopped(RaftError):
+    pass
+
+
+class Sender(Protocol):
+    """What the runner needs of a transport (see service.transport.protocols)."""
+
+    def send(self, messages: Sequence[Message]) -> None: ...
+
+
+RoleListener = Callable[[Role, int, str | None], None]
+ApplyListener = Callable[[int, Command, Any], None]
+
+
+@dataclass(slots=True)
+class _Proposal:
+    data: bytes
+    future: asyncio.Future[Any]
+    started: float
+    index: int = 0
+    term: int = 0
+
+
+def encode_snapshot_data(hashes: dict[str, dict[str, str]]) -> bytes:
+    data = msgpack.packb(hashes, use_bin_type=True)
+    assert isinstance(data, bytes)
+    return data
+
+
+def decode_snapshot_data(data: bytes) -> dict[str, dict[str, str]]:
+    raw = msgpack.unpackb(data, raw=False)
+    if not isinstance(raw, dict):
+        raise ValueError("snapshot data is not a map")
+    return {str(k): {str(f): str(v) for f, v in h.items()} for k, h in raw.items()}
+
+
+class RaftRunner:
+    def __init__(
+        self,
+        core: RaftCore,
+        storage: RaftStorage,
+        state: StateStore,
+        machines: MachineRegistry,
+        metrics: NodeMetrics,
+        *,
+        tick_seconds: float = 0.05,
+        snapshot_threshold: int = 10_000,
+        retryable_errors: tuple[type[BaseException], ...] = (
+            ConnectionError,
+            OSError,
+            TimeoutError,
+        ),
+    ) -> None:
+        self.core = core
+        self.storage = storage
+        self.state = state
+        self.machines = machines
+        self.metrics = metrics
+        self.tick_seconds = tick_seconds
+        self.snapshot_threshold = snapshot_threshold
+        self.storage_retry_seconds = 5.0
+        self.retryable_errors = retryable_errors
+        self.transport: Sender | None = None
+        self._inbox: collections.deque[Message] = collections.deque()
+        self._proposals: list[_Proposal] = []
+        self._pending: dict[int, _Proposal] = {}
+        self._reads: list[tuple[int, asyncio.Future[None]]] = []
+        self._read_waiting: dict[int, asyncio.Future[None]] = {}
+        self._read_ready: list[tuple[int, asyncio.Future[None]]] = []
+        self._read_ctx = 0
+        self._transfers: list[tuple[str, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._role_listeners: list[RoleListener] = []
+        self._apply_listeners: list[ApplyListener] = []
+        self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._last_role: tuple[Role, int, str | None] = (core.role, core.term, core.leader)
+        self.fatal_error: BaseException | None = None
+        self._publish_status()
+
+    # --- wiring ---------------------------------------------------------------
+
+    def deliver(self, messages: Sequence[Message]) -> None:
+        """Transport callback: queue messages for the next loop turn."""
+        self._inbox.extend(messages)
+        self._wake.set()
+
+    def add_role_listener(self, listener: RoleListener) -> None:
+        self._role_listeners.append(listener)
+
+    def add_apply_listener(self, listener: ApplyListener) -> None:
+        self._apply_listeners.append(listener)
+
+    # --- client API -----------------------------------------------------------
+
+    async def propose(self, command: Command, timeout: float) -> Any:
+        """Replicate a command and return the state machine's result.
+
+        Raises NotLeader / TransferInProgress / TooManyPending at once when the command
+        cannot be proposed here, ProposalDropped when it was overwritten, and TimeoutError
+        when the outcome is unknown (the caller may retry with the same request_id).
+        """
+        self._check_running()
+        loop = asyncio.get_running_loop()
+        proposal = _Proposal(encode_command(command), loop.create_future(), time.monotonic())
+        self._proposals.append(proposal)
+        self._wake.set()
+        return await asyncio.wait_for(asyncio.shield(proposal.future), timeout)
+
+    async def read_barrier(self, timeout: float) -> None:
+        """Wait until this node (the leader) may serve a linearizable read (ReadIndex)."""
+        self._check_running()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._read_ctx += 1
+        self._reads.append((self._read_ctx, future))
+        self._wake.set()
+        await asyncio.wait_for(asyncio.shield(future), timeout)
+
+    async def wait_applied(self, index: int, timeout: float) -> None:
+        if self.core.applied >= index:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._applied_waiters.append((index, future))
+        await asyncio.wait_for(asyncio.shield(future), timeout)
+
+    async def transfer_leadership(self, target: str, timeout: float) -> None:
+        """Hand leadership to target and wait until this node is no longer leader."""
+        self._check_running()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._transfers.append((target, future))
+        self._wake.set()
+        await asyncio.wait_for(asyncio.shield(future), timeout)
+        deadline = time.monotonic() + timeout
+        while self.core.role == Role.LEADER and time.monotonic() < deadline:
+            await asyncio.sleep(self.tick_seconds / 2)
+
+    def status(self) -> RaftStatus:
+        return self.core.status()
+
+    def _check_running(self) -> None:
+        if self._stopping or self.fatal_error is not None:
+            raise RunnerStopped("node is shutting down")
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"raft-{self.core.id}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, 5)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+        self._fail_everything(RunnerStopped("node stopped"))
+
+    async def wait_stopped(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time() + self.tick_seconds
+        try:
+            while not self._stopping:
+                delay = next_tick - loop.time()
+                if delay > 0 and not self._has_input():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), delay)
+                self._wake.clear()
+                if loop.time() >= next_tick:
+                    # One tick per turn even after a long pause: a stalled process must
+                    # not burn through election timeouts all at once.
+                    self.core.tick()
+                    next_tick = max(next_tick + self.tick_seconds, loop.time())
+                await self._turn()
+        except Exception as exc:
+            # Storage failed after retries, or a state machine broke: stop rather than
+            # serve from state that is ahead of (or diverged from) what is durable.
+            self.fatal_error = exc
+            log.critical("raft loop failed; node stops", exc_info=exc, extra={"error": str(exc)})
+            self._fail_everything(RunnerStopped(f"raft loop failed: {exc}"))
+            raise
+
+    def _has_input(self) -> bool:
+        return bool(self._inbox or self._proposals or self._reads or self._transfers)
+
+    async def _turn(self) -> None:
+        core = self.core
+        while self._inbox:
+            core.step(self._inbox.popleft())
+        self._start_queued()
+        if core.has_ready():
+            rd = core.ready()
+            await self._handle_ready(rd)
+            core.advance(rd)
+            self._after_advance()
+            await self.maybe_snapshot()
+        self._publish_status()
+
+    def _start_queued(self) -> None:
+        core = self.core
+        proposals, self._proposals = self._proposals, []
+        for proposal in proposals:
+            try:
+                proposal.index, proposal.term = core.propose(proposal.data)
+            except RaftError as exc:
+                self.metrics.raft_proposals_failed.labels(core.id, type(exc).__name__).inc()
+                _settle(proposal.future, exc)
+                continue
+            self.metrics.raft_proposals.labels(core.id).inc()
+            self._pending[proposal.index] = proposal
+        reads, self._reads = self._reads, []
+        for ctx, future in reads:
+            try:
+                core.read_index(ctx)
+            except RaftError as exc:
+                _settle(future, exc)
+                continue
+            self._read_waiting[ctx] = future
+        transfers, self._transfers = self._transfers, []
+        for target, future in transfers:
+            try:
+                core.transfer_leadership(target)
+            except RaftError as exc:
+                _settle(future, exc)
+                continue
+            _settle(future, None)
+
+    async def _handle_ready(self, rd: Ready) -> None:
+        if rd.hard_state is not None or rd.entries or rd.snapshot is not None:
+            started = time.monotonic()
+            await self._persist(rd)
+            self.metrics.raft_persist_seconds.labels(self.core.id).observe(
+                time.monotonic() - started
+            )
+            if rd.entries:
+                self.metrics.raft_batch_entries.labels(self.core.id).observe(len(rd.entries))
+        if rd.snapshot is not None:
+            await self._install_snapshot(rd.snapshot)
+        if rd.messages and self.transport is not None:
+            self.transport.send(rd.messages)
+        if rd.committed:
+            await self._apply(rd)
+        for read in rd.read_states:
+            future = self._read_waiting.pop(read.ctx, None)
+            if future is not None:
+                self._read_ready.append((read.index, future))
+
+    async def _persist(self, rd: Ready) -> None:
+        # Persisting the same Ready twice is harmless (entries replace their own suffix), so
+        # a Redis blip is retried; if Redis stays away the loop fails and the node stops.
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(self.retryable_errors),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            stop=stop_after_delay(self.storage_retry_seconds),
+            reraise=True,
+        ):
+            with attempt:
+                await self.storage.persist(rd.hard_state, rd.entries, rd.snapshot)
+
+    async def _install_snapshot(self, snapshot: Snapshot) -> None:
+        hashes = decode_snapshot_data(snapshot.data)
+        self.machines.load(hashes)
+        await self.state.replace_all(self.machines.prefixes, hashes, snapshot.meta.index)
+        self.metrics.raft_snapshots.labels(self.core.id, "installed").inc()
+        log.info("installed snapshot", extra={"index": snapshot.meta.index})
+
+    async def _apply(self, rd: Ready) -> None:
+        outcomes: list[tuple[int, Command | None, Any]] = []
+        for entry in rd.committed:
+            command: Command | None = None
+            result: Any = None
+            if entry.kind == EntryKind.NORMAL:
+                try:
+                    command = decode_command(entry.data)
+                except CommandDecodeError as exc:
+                    result = {"status": "error", "code": "bad_command", "message": str(exc)}
+                else:
+                    result = self.machines.apply(entry.index, command)
+            outcomes.append((entry.index, command, result))
+        last = rd.committed[-1].index
+        await self.state.apply(self.machines.take_writes(), last)
+        now = time.monotonic()
+        for (index, command, result), entry in zip(outcomes, rd.committed, strict=True):
+            proposal = self._pending.pop(index, None)
+            if proposal is not None:
+                if proposal.term == entry.term:
+                    self.metrics.raft_replication_seconds.labels(self.core.id).observe(
+                        now - proposal.started
+                    )
+                    _settle(proposal.future, None, result)
+                else:
+                    _settle(proposal.future, ProposalDropped("overwritten by a new leader"))
+            if command is not None:
+                for listener in self._apply_listeners:
+                    listener(index, command, result)
+
+    def _after_advance(self) -> None:
+        applied = self.core.applied
+        # Proposals at or below the applied index that were not settled were lost in a
+        # snapshot install (their entries were replaced wholesale): their outcome is unknown.
+        for index in [i for i in self._pending if i <= applied]:
+            _settle(self._pending.pop(index).future, ProposalDropped("replaced by a snapshot"))
+        still: list[tuple[int, asyncio.Future[None]]] = []
+        for index, future in self._read_ready:
+            if index <= applied:
+                _settle(future, None)
+            else:
+                still.append((index, future))
+        self._read_ready = still
+        waiting: list[tuple[int, asyncio.Future[None]]] = []
+        for index, future in self._applied_waiters:
+            if index <= applied:
+                _settle(future, None)
+            elif not future.done():
+                waiting.append((index, future))
+        self._applied_waiters = waiting
+
+    async def maybe_snapshot(self) -> None:
+        core = self.core
+        if core.applied - core.log.snapshot_index < self.snapshot_threshold:
+            return
+        meta = core.snapshot_meta(core.applied)
+        snapshot = Snapshot(meta, encode_snapshot_data(self.machines.dump()))
+        await self.storage.save_snapshot(snapshot)
+        await self.storage.compact(meta.index)
+        core.compact(snapshot)
+        self.metrics.raft_snapshots.labels(core.id, "taken").inc()
+        log.info("took snapshot", extra={"index": meta.index, "bytes": len(snapshot.data)})
+
+    def _publish_status(self) -> None:
+        core = self.core
+        m = self.metrics
+        m.raft_term.labels(core.id).set(core.term)
+        m.raft_commit_index.labels(core.id).set(core.commit)
+        m.raft_applied_index.labels(core.id).set(core.applied)
+        m.raft_last_index.labels(core.id).set(core.log.last_index)
+        current = (core.role, core.term, core.leader)
+        if current == self._last_role:
+            return
+        previous = self._last_role
+        self._last_role = current
+        m.set_role("candidate" if core.role == Role.CANDIDATE else core.role.value)
+        if core.role == Role.LEADER and previous[0] != Role.LEADER:
+            m.raft_elections.labels(core.id).inc()
+        if previous[0] == Role.LEADER and core.role != Role.LEADER:
+            # Reads that were waiting for leadership confirmation can no longer get it.
+            for future in self._read_waiting.values():
+                _settle(future, RaftError("lost leadership"))
+            self._read_waiting.clear()
+        log.info(
+            "raft role",
+            extra={"role": core.role.value, "term": core.term, "leader": core.leader},
+        )
+        for listener in self._role_listeners:
+            listener(core.role, core.term, core.leader)
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        for proposal in self._proposals:
+            _settle(proposal.future, exc)
+        for proposal in self._pending.values():
+            _settle(proposal.future, exc)
+        for _, future in self._reads:
+            _settle(future, exc)
+        for future in self._read_waiting.values():
+            _settle(future, exc)
+        for _, future in self._read_ready:
+            _settle(future, exc)
+        for _, future in self._transfers:
+            _settle(future, exc)
+        for _, future in self._applied_waiters:
+            _settle(future, exc)
+        self._proposals, self._pending, self._reads = [], {}, []
+        self._read_waiting, self._read_ready, self._transfers = {}, [], []
+        self._applied_waiters = []
+
+
+def _settle(future: asyncio.Future[Any], exc: BaseException | None, result: Any = None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+        future.exception()  # mark retrieved: a caller that gave up must not log noise
+    else:
+        future.set_result(result)
