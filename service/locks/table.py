@@ -1,0 +1,551 @@
+"""The lock table: holders, FIFO waiters, fencing tokens, leases and the wait-for graph.
+
+Pure and deterministic: every method takes the Raft log index and the proposing
+leader's clock (`now_ms`) as arguments, never reads a clock, never does I/O and never
+iterates a set or dict whose order could differ between replicas (outputs that depend
+on an order use sorted or FIFO order). Inputs are assumed valid (the machine parses and
+validates raw commands); rule violations are returned as outcomes, never raised.
+
+Rules, in one place:
+- A lock is held by one exclusive holder or by any number of shared holders.
+- An acquire is granted at once only if compatible with the holders AND nobody waits
+  (so an exclusive waiter blocks later shared requests: no writer starvation).
+- When holders leave, the head of the queue is granted: one exclusive waiter, or the
+  longest run of consecutive shared waiters. Hence an invariant: the head waiter is
+  never grantable, and a lock with waiters always has holders.
+- The fencing token of a grant is the log index of the command that caused it, so tokens
+  strictly increase per lock across grants, leaders, restarts and even after the lock
+  was forgotten (see `max_tombstones`). Shared waiters granted by one command share it.
+- Wait-for graph (among owners): a waiter W waits for every holder of its lock and for
+  every waiter ahead of it unless both are shared (two shared waiters with only shared
+  waiters between them are granted together, so neither waits for the other; a shared
+  waiter behind an exclusive one waits for it, and through it for everything ahead).
+  An acquire whose enqueuing would close a cycle is refused. Grants, releases, expiries
+  and cancellations never add a reachability the graph did not have, so checking at
+  enqueue time keeps the graph acyclic forever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from service.locks.deadlines import DeadlineHeap, Key
+
+# Free locks remembered (only their last_token) before the oldest is forgotten.
+DEFAULT_MAX_TOMBSTONES = 100_000
+
+
+class Mode(StrEnum):
+    EXCLUSIVE = "exclusive"
+    SHARED = "shared"
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    owner: str
+    mode: Mode
+    token: int
+    ttl_ms: int
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Waiter:
+    # Log index of the acquire that enqueued it: unique, and FIFO order is seq order.
+    seq: int
+    owner: str
+    mode: Mode
+    ttl_ms: int  # the lease length it gets once granted
+    wait_ms: int  # how long it may wait before the leader may drop it (see expire_wait)
+    deadline_ms: int
+
+
+@dataclass(slots=True)
+class LockState:
+    name: str
+    last_token: int = 0
+    holders: dict[str, Hold] = field(default_factory=dict)
+    waiters: list[Waiter] = field(default_factory=list)
+    # Index of the command that freed it (orders tombstone eviction); 0 while busy.
+    freed_at: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.holders or self.waiters)
+
+    @property
+    def mode(self) -> Mode | None:
+        for hold in self.holders.values():
+            return hold.mode
+        return None
+
+    def waiter_position(self, owner: str) -> int | None:
+        for i, waiter in enumerate(self.waiters):
+            if waiter.owner == owner:
+                return i
+        return None
+
+    def sorted_holders(self) -> tuple[Hold, ...]:
+        return tuple(sorted(self.holders.values(), key=lambda h: (h.token, h.owner)))
+
+
+def compatible(mode: Mode, holders: dict[str, Hold]) -> bool:
+    if not holders:
+        return True
+    return mode is Mode.SHARED and all(h.mode is Mode.SHARED for h in holders.values())
+
+
+def waits_for_each_other(a: Mode, b: Mode) -> bool:
+    return a is Mode.EXCLUSIVE or b is Mode.EXCLUSIVE
+
+
+# --- outcomes and events ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    """A grant: the result of an acquire, and an event when a waiter was granted."""
+
+    name: str
+    owner: str
+    mode: Mode
+    token: int
+    ttl_ms: int
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class WaitDropped:
+    """Event: a waiter left the queue without being granted (reason: cancelled/expired)."""
+
+    name: str
+    owner: str
+    seq: int
+    reason: str
+
+
+LockEvent = Granted | WaitDropped
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    name: str
+    owner: str
+    mode: Mode
+    seq: int
+    position: int  # 1 = next in line
+    deadline_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """Try-lock lost: not grantable now and the caller did not want to wait."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlock:
+    name: str
+    # Owners on the cycle: each waits for the next, and the last for the first.
+    cycle: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModeConflict:
+    name: str
+    owner: str
+    current: Mode
+    requested: Mode
+    waiting: bool  # the owner's current request is a wait, not a hold
+
+
+AcquireOutcome = Granted | Queued | Held | Deadlock | ModeConflict
+
+
+class ReleaseOutcome(StrEnum):
+    RELEASED = "released"
+    NOT_HELD = "not_held"
+    STALE_TOKEN = "stale_token"
+
+
+class CancelOutcome(StrEnum):
+    CANCELLED = "cancelled"
+    NOT_WAITING = "not_waiting"
+
+
+@dataclass(frozen=True, slots=True)
+class LockView:
+    name: str
+    last_token: int
+    holders: tuple[Hold, ...]  # by (token, owner)
+    waiters: tuple[Waiter, ...]  # FIFO
+
+    @property
+    def mode(self) -> Mode | None:
+        return self.holders[0].mode if self.holders else None
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A hold whose lease expired (ident = token) or a wait past its deadline (seq)."""
+
+    name: str
+    owner: str
+    ident: int
+    deadline_ms: int
+
+
+# --- the table -------------------------------------------------------------------
+
+
+class LockTable:
+    def __init__(self, max_tombstones: int = DEFAULT_MAX_TOMBSTONES) -> None:
+        self._max_tombstones = max_tombstones
+        self._locks: dict[str, LockState] = {}
+        # Free locks in the order they became free (dict as an ordered set).
+        self._tombstones: dict[str, None] = {}
+        # Derived indexes, rebuilt by `replace_all`.
+        self._waiting_on: dict[str, set[str]] = {}  # owner -> names it waits on
+        self._hold_deadlines = DeadlineHeap()
+        self._wait_deadlines = DeadlineHeap()
+        # Change tracking, drained by the machine.
+        self._dirty: set[str] = set()
+        self._events: list[LockEvent] = []
+
+    # --- commands ------------------------------------------------------------------
+
+    def acquire(
+        self,
+        index: int,
+        now_ms: int,
+        name: str,
+        owner: str,
+        mode: Mode,
+        ttl_ms: int,
+        wait: bool,
+        wait_ms: int,
+    ) -> AcquireOutcome:
+        lock = self._locks.get(name)
+        if lock is not None:
+            hold = lock.holders.get(owner)
+            if hold is not None:
+                # Re-acquiring returns the current grant unchanged (a retry without a
+                # request id must not mint a second token or extend the lease).
+                if hold.mode is mode:
+                    return _granted(name, hold)
+                return ModeConflict(name, owner, hold.mode, mode, waiting=False)
+            pos = lock.waiter_position(owner)
+            if pos is not None:
+                waiter = lock.waiters[pos]
+                if waiter.mode is mode:
+                    return _queued(name, waiter, pos)
+                return ModeConflict(name, owner, waiter.mode, mode, waiting=True)
+            if not lock.waiters and compatible(mode, lock.holders):
+                return self._grant(lock, index, now_ms, owner, mode, ttl_ms)
+        else:
+            lock = LockState(name)
+            self._locks[name] = lock
+            return self._grant(lock, index, now_ms, owner, mode, ttl_ms)
+        if not wait:
+            return Held(name)
+        cycle = self._cycle_if_enqueued(lock, owner, mode)
+        if cycle is not None:
+            return Deadlock(name, cycle)
+        budget = wait_ms or ttl_ms
+        waiter = Waiter(index, owner, mode, ttl_ms, budget, now_ms + budget)
+        lock.waiters.append(waiter)
+        self._waiting_on.setdefault(owner, set()).add(name)
+        self._wait_deadlines.push(waiter.deadline_ms, (name, owner, waiter.seq))
+        self._dirty.add(name)
+        return _queued(name, waiter, len(lock.waiters) - 1)
+
+    def release(self, index: int, now_ms: int, name: str, owner: str, token: int) -> ReleaseOutcome:
+        lock = self._locks.get(name)
+        hold = lock.holders.get(owner) if lock is not None else None
+        if lock is None or hold is None:
+            return ReleaseOutcome.NOT_HELD
+        if hold.token != token:
+            return ReleaseOutcome.STALE_TOKEN
+        del lock.holders[owner]
+        self._after_leave(lock, index, now_ms)
+        return ReleaseOutcome.RELEASED
+
+    def keepalive(
+        self, now_ms: int, name: str, owner: str, token: int, ttl_ms: int | None
+    ) -> Granted | None:
+        """Extend a lease to now + ttl (ttl None keeps the hold's ttl); None if not held."""
+        lock = self._locks.get(name)
+        hold = lock.holders.get(owner) if lock is not None else None
+        if lock is None or hold is None or hold.token != token:
+            return None
+        ttl = hold.ttl_ms if ttl_ms is None else ttl_ms
+        hold = replace(hold, ttl_ms=ttl, expires_at_ms=now_ms + ttl)
+        lock.holders[owner] = hold
+        self._hold_deadlines.push(hold.expires_at_ms, (name, owner, hold.token))
+        self._maybe_rebuild_deadlines()
+        self._dirty.add(name)
+        return _granted(name, hold)
+
+    def expire(self, index: int, now_ms: int, name: str, owner: str, token: int) -> bool:
+        """End a hold whose lease ran out as of now_ms; False (no-op) if it no longer
+        exists, was re-granted with another token, or was kept alive meanwhile."""
+        lock = self._locks.get(name)
+        hold = lock.holders.get(owner) if lock is not None else None
+        if lock is None or hold is None or hold.token != token:
+            return False
+        if hold.expires_at_ms > now_ms:
+            return False
+        del lock.holders[owner]
+        self._after_leave(lock, index, now_ms)
+        return True
+
+    def cancel_wait(
+        self, index: int, now_ms: int, name: str, owner: str, seq: int | None
+    ) -> CancelOutcome | Granted:
+        """Remove the owner's wait so it can never be granted. If the owner already
+        holds the lock (granted before the cancel was applied) return that grant so the
+        caller can hand it over or release it. `seq`, when given, must match: a late
+        cancel must not remove a newer wait of the same owner."""
+        lock = self._locks.get(name)
+        if lock is None:
+            return CancelOutcome.NOT_WAITING
+        pos = lock.waiter_position(owner)
+        if pos is None or (seq is not None and lock.waiters[pos].seq != seq):
+            hold = lock.holders.get(owner)
+            return _granted(name, hold) if hold is not None else CancelOutcome.NOT_WAITING
+        self._drop_waiter(lock, pos, "cancelled", index, now_ms)
+        return CancelOutcome.CANCELLED
+
+    def expire_wait(self, index: int, now_ms: int, name: str, owner: str, seq: int) -> bool:
+        """Drop a wait past its deadline (its client vanished without cancelling)."""
+        lock = self._locks.get(name)
+        if lock is None:
+            return False
+        pos = lock.waiter_position(owner)
+        if pos is None or lock.waiters[pos].seq != seq:
+            return False
+        if lock.waiters[pos].deadline_ms > now_ms:
+            return False
+        self._drop_waiter(lock, pos, "expired", index, now_ms)
+        return True
+
+    def leader_change(self, now_ms: int) -> tuple[int, int]:
+        """Give every lease and every wait a full budget on the new leader's clock.
+
+        Deadlines are points on the proposing leader's monotonic clock, and clocks of
+        different nodes share no origin: a deadline set by the old leader means nothing
+        to the new one. Restarting every lease from the new leader's `now` is safe (a
+        holder never loses its lock early; it keeps it at most one TTL longer) and it
+        makes every deadline comparable with the `now_ms` of later commands.
+        Returns (holds, waits) reset.
+        """
+        holds = waits = 0
+        for name, lock in self._locks.items():
+            if not lock.busy:
+                continue
+            for owner, hold in lock.holders.items():
+                lock.holders[owner] = replace(hold, expires_at_ms=now_ms + hold.ttl_ms)
+                holds += 1
+            lock.waiters = [replace(w, deadline_ms=now_ms + w.wait_ms) for w in lock.waiters]
+            waits += len(lock.waiters)
+            self._dirty.add(name)
+        self._rebuild_deadlines()
+        return holds, waits
+
+    # --- queries ---------------------------------------------------------------------
+
+    def get(self, name: str) -> LockView | None:
+        lock = self._locks.get(name)
+        if lock is None:
+            return None
+        return LockView(name, lock.last_token, lock.sorted_holders(), tuple(lock.waiters))
+
+    def all_held(self) -> list[LockView]:
+        views = (self.get(name) for name in sorted(self._locks) if self._locks[name].holders)
+        return [v for v in views if v is not None]
+
+    def validate(self, name: str, token: int) -> bool:
+        lock = self._locks.get(name)
+        return lock is not None and any(h.token == token for h in lock.holders.values())
+
+    def expired(self, now_ms: int) -> list[Due]:
+        """Holds whose lease ended by now_ms: the leader proposes `lock.expire` for each."""
+        due = self._hold_deadlines.due(now_ms, self._hold_live)
+        return [Due(name, owner, token, d) for d, (name, owner, token) in due]
+
+    def expired_waits(self, now_ms: int) -> list[Due]:
+        """Waits past their deadline: the leader proposes `lock.expire_wait` for each."""
+        due = self._wait_deadlines.due(now_ms, self._wait_live)
+        return [Due(name, owner, seq, d) for d, (name, owner, seq) in due]
+
+    def wait_for_graph(self) -> dict[str, tuple[str, ...]]:
+        """owner -> owners it waits for (sorted), for diagnostics and tests."""
+        return {owner: tuple(sorted(set(self._edges(owner)))) for owner in sorted(self._waiting_on)}
+
+    def names(self) -> list[str]:
+        return sorted(self._locks)
+
+    def state(self, name: str) -> LockState | None:
+        """The internal record (for the materialiser); callers must not mutate it."""
+        return self._locks.get(name)
+
+    # --- change tracking and bulk load ---------------------------------------------
+
+    def take_dirty(self) -> list[str]:
+        """Names whose state changed (or that were forgotten) since the last call."""
+        dirty = sorted(self._dirty)
+        self._dirty.clear()
+        return dirty
+
+    def take_events(self) -> list[LockEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def replace_all(self, locks: list[LockState]) -> None:
+        """Replace the whole state (from materialised hashes) and rebuild indexes."""
+        self._locks = {lock.name: lock for lock in sorted(locks, key=lambda s: s.name)}
+        free = sorted((s for s in locks if not s.busy), key=lambda s: (s.freed_at, s.name))
+        self._tombstones = {s.name: None for s in free}
+        self._waiting_on = {}
+        for lock in self._locks.values():
+            for waiter in lock.waiters:
+                self._waiting_on.setdefault(waiter.owner, set()).add(lock.name)
+        self._rebuild_deadlines()
+        self._dirty.clear()
+        self._events.clear()
+        self._evict_tombstones()
+
+    # --- internals -------------------------------------------------------------------
+
+    def _grant(
+        self, lock: LockState, index: int, now_ms: int, owner: str, mode: Mode, ttl_ms: int
+    ) -> Granted:
+        hold = Hold(owner, mode, index, ttl_ms, now_ms + ttl_ms)
+        lock.holders[owner] = hold
+        # Log indexes only grow, so this keeps last_token monotonic by construction.
+        lock.last_token = max(index, 0)
+        lock.freed_at = 0
+        self._tombstones.pop(lock.name, None)
+        self._hold_deadlines.push(hold.expires_at_ms, (lock.name, owner, index))
+        self._dirty.add(lock.name)
+        return _granted(lock.name, hold)
+
+    def _after_leave(self, lock: LockState, index: int, now_ms: int) -> None:
+        """A holder or waiter left: grant from the head, then forget the lock if free."""
+        self._dirty.add(lock.name)
+        while lock.waiters and compatible(lock.waiters[0].mode, lock.holders):
+            waiter = lock.waiters.pop(0)
+            self._stop_waiting(waiter.owner, lock.name)
+            grant = self._grant(lock, index, now_ms, waiter.owner, waiter.mode, waiter.ttl_ms)
+            self._events.append(grant)
+        if not lock.busy:
+            lock.freed_at = index
+            self._tombstones[lock.name] = None
+            self._evict_tombstones()
+        self._maybe_rebuild_deadlines()
+
+    def _drop_waiter(self, lock: LockState, pos: int, reason: str, index: int, now_ms: int) -> None:
+        waiter = lock.waiters.pop(pos)
+        self._stop_waiting(waiter.owner, lock.name)
+        self._events.append(WaitDropped(lock.name, waiter.owner, waiter.seq, reason))
+        self._after_leave(lock, index, now_ms)
+
+    def _stop_waiting(self, owner: str, name: str) -> None:
+        names = self._waiting_on.get(owner)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self._waiting_on[owner]
+
+    def _evict_tombstones(self) -> None:
+        # Forgetting a free lock is safe for fencing: its next token is a later log
+        # index, hence larger than any token it ever had. This only bounds memory.
+        while len(self._tombstones) > self._max_tombstones:
+            name = next(iter(self._tombstones))
+            del self._tombstones[name]
+            del self._locks[name]
+            self._dirty.add(name)
+
+    def _blockers(self, lock: LockState, mode: Mode, ahead: list[Waiter]) -> Iterator[str]:
+        """Owners a waiter of `mode` with `ahead` in front of it waits for."""
+        yield from sorted(lock.holders)
+        for waiter in ahead:
+            if waits_for_each_other(mode, waiter.mode):
+                yield waiter.owner
+
+    def _edges(self, owner: str) -> Iterator[str]:
+        for name in sorted(self._waiting_on.get(owner, ())):
+            lock = self._locks[name]
+            pos = lock.waiter_position(owner)
+            if pos is not None:
+                waiter = lock.waiters[pos]
+                yield from self._blockers(lock, waiter.mode, lock.waiters[:pos])
+
+    def _cycle_if_enqueued(self, lock: LockState, owner: str, mode: Mode) -> tuple[str, ...] | None:
+        """The cycle that enqueuing owner at the tail of lock would close, if any.
+
+        The graph is acyclic, so a new cycle must pass through the new edges: search
+        from the new waiter's blockers for a path back to it (depth first, in sorted
+        order so every replica reports the same cycle).
+        """
+        parent: dict[str, str] = {}
+        stack: list[str] = []
+        for target in reversed(list(self._blockers(lock, mode, lock.waiters))):
+            if target not in parent:
+                parent[target] = owner
+                stack.append(target)
+        while stack:
+            current = stack.pop()
+            if current == owner:
+                path = [owner]
+                step = parent[owner]
+                while step != owner:
+                    path.append(step)
+                    step = parent[step]
+                return (owner, *reversed(path[1:]))
+            for nxt in reversed(list(self._edges(current))):
+                if nxt not in parent:
+                    parent[nxt] = current
+                    stack.append(nxt)
+        return None
+
+    def _hold_live(self, deadline_ms: int, key: Key) -> bool:
+        name, owner, token = key
+        lock = self._locks.get(name)
+        hold = lock.holders.get(owner) if lock is not None else None
+        return hold is not None and hold.token == token and hold.expires_at_ms == deadline_ms
+
+    def _wait_live(self, deadline_ms: int, key: Key) -> bool:
+        name, owner, seq = key
+        lock = self._locks.get(name)
+        if lock is None:
+            return False
+        pos = lock.waiter_position(owner)
+        if pos is None:
+            return False
+        waiter = lock.waiters[pos]
+        return waiter.seq == seq and waiter.deadline_ms == deadline_ms
+
+    def _rebuild_deadlines(self) -> None:
+        holds: list[tuple[int, Key]] = []
+        waits: list[tuple[int, Key]] = []
+        for name, lock in self._locks.items():
+            holds.extend((h.expires_at_ms, (name, h.owner, h.token)) for h in lock.holders.values())
+            waits.extend((w.deadline_ms, (name, w.owner, w.seq)) for w in lock.waiters)
+        self._hold_deadlines.rebuild(holds)
+        self._wait_deadlines.rebuild(waits)
+
+    def _maybe_rebuild_deadlines(self) -> None:
+        if self._hold_deadlines.needs_rebuild() or self._wait_deadlines.needs_rebuild():
+            self._rebuild_deadlines()
+
+
+def _granted(name: str, hold: Hold) -> Granted:
+    return Granted(name, hold.owner, hold.mode, hold.token, hold.ttl_ms, hold.expires_at_ms)
+
+
+def _queued(name: str, waiter: Waiter, pos: int) -> Queued:
+    return Queued(name, waiter.owner, waiter.mode, waiter.seq, pos + 1, waiter.deadline_ms)
