@@ -193,9 +193,7 @@ class LeaderClient:
 
         def log_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome is not None else None
-            log.debug(
-                "forward %s %s failed (%r), retry %d", method, url, exc, state.attempt_number
-            )
+            log.debug("forward %s %s failed (%r), retry %d", method, url, exc, state.attempt_number)
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._max_attempts) | stop_after_delay(self._retry_deadline),
