@@ -60,8 +60,10 @@ class RaftStorage(StableStore, LogStore, SnapshotStore, Protocol):
     ) -> None:
         """Group commit: write all three atomically in one round trip.
 
-        A snapshot, when given, is written first and the log up to its index is dropped;
-        then entries are appended (replacing any conflicting suffix); then the hard state.
+        A snapshot, when given, is written first: entries up to its index are dropped, and
+        so is everything after it unless the stored entry at the snapshot's index has the
+        snapshot's term (Raft's InstallSnapshot rule); then entries are appended (replacing
+        any conflicting suffix); then the hard state.
         """
         ...
 
