@@ -19,7 +19,9 @@ import redis.exceptions
 from aiohttp import web
 
 from service.config import ConfigError, Settings, resolve_peer_ids
+from service.dedup import Deduplicated, DedupTable
 from service.kv.machine import KvStateMachine
+from service.locks.service import LockService
 from service.machines import MachineRegistry
 from service.metrics import NodeMetrics
 from service.raft.core import RaftConfig, RaftCore, Role
@@ -50,6 +52,9 @@ class Node:
     transport: HttpTransport | None = None
     forwarder: LeaderClient | None = None
     kv: KvStateMachine = field(default_factory=KvStateMachine)
+    # request_id -> result of every command that carried one (exactly-once retries).
+    dedup: DedupTable = field(default_factory=DedupTable)
+    locks: LockService | None = None
     peer_urls: dict[str, str] = field(default_factory=dict)
     services: list[Any] = field(default_factory=list)
     _site_runner: web.AppRunner | None = None
@@ -127,9 +132,15 @@ class Node:
             ) from exc
 
     def state_machines(self) -> list[StateMachine]:
-        machines: list[StateMachine] = [self.kv]
+        """Every machine the runner applies to, each wrapped so a command retried with
+        the same request_id applies once; the dedup table itself is one of them."""
+        inner: list[StateMachine] = [self.kv]
         for service in self.services:
-            machines.extend(service.state_machines())
+            inner.extend(service.state_machines())
+        machines: list[StateMachine] = [
+            Deduplicated(m, self.dedup, _namespace(m.prefix)) for m in inner
+        ]
+        machines.append(self.dedup)
         return machines
 
     async def _start_raft(self, voters: tuple[str, ...]) -> None:
@@ -271,6 +282,11 @@ def _best_transfer_target(runner: RaftRunner) -> str | None:
     if not progress:
         return None
     return max(progress, key=lambda peer: (progress[peer][0], peer))
+
+
+def _namespace(prefix: str) -> str:
+    # "dsync:lock:" -> "lock": request ids are unique within one service's namespace.
+    return prefix.removeprefix("dsync:").strip(":")
 
 
 def _redact(url: str) -> str:

@@ -1,14 +1,49 @@
-"""Which services a node runs. Each service is an object with `state_machines()`,
-`routes()`, `attach(runner)` and `async stop()`; the node wires them in."""
+"""Which services a node runs, and how they are wired to the node.
+
+Each service is an object with `state_machines()`, `attach(runner)` and `async stop()`;
+its routes live in `service/api/` and find it on the node. The node wraps every machine
+for exactly-once request ids and registers it with the Raft runner.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from service.locks.service import LockService, LockUnavailable, now_ms
 
 if TYPE_CHECKING:
     from service.node import Node
 
+CANCEL_FORWARD_TIMEOUT_SECONDS = 5.0
+
 
 def install_services(node: Node) -> None:
-    # Services are added here as they land (locks, queues, cache).
-    return None
+    locks = LockService(node.node_id, node.metrics)
+
+    async def cancel_on_leader(name: str, owner: str, seq: int) -> dict[str, Any]:
+        # A wait that timed out on a node that lost leadership meanwhile is cancelled
+        # through the current leader (the cancel must go through the log).
+        url = node.leader_url()
+        if url is None or node.forwarder is None:
+            raise LockUnavailable("no leader to cancel the wait on")
+        status, body = await node.forwarder.forward(
+            "POST",
+            f"{url}/v1/locks/{quote(name, safe='')}/cancel",
+            {"owner": owner, "seq": seq},
+            timeout=CANCEL_FORWARD_TIMEOUT_SECONDS,
+            idempotent=True,  # a cancel names the wait by seq: repeating it is harmless
+        )
+        if status == 200 and isinstance(body, dict):
+            if body.get("cancelled"):
+                return {"status": "cancelled"}
+            left = body.get("expires_in_ms")
+            left = left if isinstance(left, int) else body.get("ttl_ms", 0)
+            return {"status": "granted", **body, "expires_at_ms": now_ms() + left}
+        if status == 404:
+            return {"status": "not_waiting"}
+        raise LockUnavailable(f"cancel on the leader answered {status}")
+
+    locks.remote_cancel = cancel_on_leader
+    node.locks = locks
+    node.services.append(locks)

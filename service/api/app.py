@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from service.api import cluster, kv
+from service.api import cluster, kv, locks
 from service.api.forwarding import NODE_KEY
 from service.api.http import MAX_BODY_KEY, METRICS_KEY, error_middleware, metrics_middleware
 from service.transport.http import raft_routes
@@ -26,7 +26,6 @@ def create_app(node: Node) -> web.Application:
     app[MAX_BODY_KEY] = node.settings.max_body_bytes
     app.add_routes(cluster.routes)
     app.add_routes(kv.routes)
-    for service in node.services:
-        app.add_routes(service.routes())
+    app.add_routes(locks.routes)
     app.add_routes(raft_routes(node))
     return app

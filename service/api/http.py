@@ -12,7 +12,7 @@ from aiohttp import web
 
 from service.api.errors import ApiError, bad_request, error_response
 from service.metrics import NodeMetrics
-from service.raft.core import NotLeader, TooManyPending, TransferInProgress
+from service.raft.core import NotLeader, RaftError, TooManyPending, TransferInProgress
 from service.raft.runner import ProposalDropped, RunnerStopped
 
 log = logging.getLogger("dsync.api")
@@ -98,6 +98,8 @@ def raft_error_response(exc: Exception) -> web.Response | None:
             "timed out waiting for the cluster; the outcome is unknown, retry with the "
             "same request_id to apply it at most once",
         )
+    if isinstance(exc, RaftError):
+        return error_response(503, "unavailable", f"{exc}; retry shortly")
     return None
 
 

@@ -140,6 +140,9 @@ class LockStateMachine:
     def validate(self, name: str, token: int) -> bool:
         return self._table.validate(name, token)
 
+    def held_count(self) -> int:
+        return self._table.held_count()
+
     def expired(self, now_ms: int) -> list[Due]:
         """Holds to propose `lock.expire` for (`Due.ident` is the token)."""
         return self._table.expired(now_ms)

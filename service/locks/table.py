@@ -367,6 +367,9 @@ class LockTable:
         views = (self.get(name) for name in sorted(self._locks) if self._locks[name].holders)
         return [v for v in views if v is not None]
 
+    def held_count(self) -> int:
+        return sum(1 for lock in self._locks.values() if lock.holders)
+
     def validate(self, name: str, token: int) -> bool:
         lock = self._locks.get(name)
         return lock is not None and any(h.token == token for h in lock.holders.values())

@@ -1,0 +1,305 @@
+"""Locks part of the REST contract (/v1/locks...) and the course prototype's aliases.
+
+Handlers validate, then run on the leader (`on_leader` forwards from followers): writes are
+Raft commands, reads pass a ReadIndex barrier first so they are linearizable.
+Additions to the contract: `POST /v1/locks/{name}/cancel` (give up a wait) and the
+`queued`/`position` fields a 409 `wait_timeout` never needs but GET shows for waiters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from service.api.errors import ApiError, bad_request
+from service.api.forwarding import NODE_KEY, on_leader
+from service.api.http import field_int, field_str, read_json, request_id_of
+from service.locks.commands import MAX_NAME_BYTES, MAX_OWNER_BYTES, MAX_TTL_MS
+from service.locks.service import LockService
+from service.locks.table import LockView
+
+routes = web.RouteTableDef()
+
+DEFAULT_TTL_MS = 30_000
+MIN_TTL_MS = 100  # shorter than a few heartbeats cannot be kept alive reliably
+MAX_WAIT_MS = 600_000
+READ_TIMEOUT_SECONDS = 5.0
+MAX_TOKEN = 2**63 - 1
+
+
+def _service(request: web.Request) -> LockService:
+    locks = request.app[NODE_KEY].locks
+    if locks is None:
+        raise ApiError(503, "unavailable", "the lock service is not running on this node")
+    return locks
+
+
+def _name(request: web.Request, raw: str | None = None) -> str:
+    name = request.match_info["name"] if raw is None else raw
+    if not name:
+        raise bad_request("lock name must not be empty")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise bad_request(f"lock name is {size} bytes; the limit is {MAX_NAME_BYTES}")
+    return name
+
+
+def _owner(body: dict[str, Any], field: str = "owner") -> str:
+    owner = field_str(body, field, max_bytes=MAX_OWNER_BYTES)
+    assert owner is not None
+    return owner
+
+
+def _token(body: dict[str, Any]) -> int:
+    if "token" not in body:
+        raise bad_request("'token' is required (the fencing token of your grant)")
+    return field_int(body, "token", 0, 0, MAX_TOKEN)
+
+
+def _mode(body: dict[str, Any]) -> str:
+    mode = body.get("mode", "exclusive")
+    if mode not in ("exclusive", "shared"):
+        raise bad_request("'mode' must be \"exclusive\" or \"shared\"")
+    return str(mode)
+
+
+def _grant_json(locks: LockService, result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": result["name"],
+        "owner": result["owner"],
+        "mode": result["mode"],
+        "token": result["token"],
+        "ttl_ms": result["ttl_ms"],
+        "expires_in_ms": locks.expires_in_ms(result["expires_at_ms"], result["ttl_ms"]),
+    }
+
+
+def _raise_for(result: dict[str, Any]) -> None:
+    """Turn a non-success lock result into the contract's error."""
+    status = result.get("status")
+    name = result.get("name")
+    if status == "held":
+        raise ApiError(
+            409, "lock_held", f"lock {name!r} is held; retry later or pass wait_ms to wait"
+        )
+    if status == "wait_timeout":
+        raise ApiError(409, "wait_timeout", f"lock {name!r} was not granted within wait_ms")
+    if status == "deadlock":
+        cycle = result.get("cycle", [])
+        raise ApiError(
+            409,
+            "deadlock",
+            "waiting would close a cycle among owners: " + " -> ".join([*cycle, cycle[0]])
+            if cycle
+            else "waiting would close a cycle among owners",
+            cycle=cycle,
+        )
+    if status == "not_held":
+        raise ApiError(404, "not_held", "this owner does not hold the lock (released or expired)")
+    if status == "stale_token":
+        raise ApiError(
+            409, "stale_token", "the token is not the owner's current grant for this lock"
+        )
+    if status == "error":
+        code = str(result.get("code", "error"))
+        message = str(result.get("message", code))
+        extra = {k: v for k, v in result.items() if k not in ("status", "code", "message")}
+        if code in ("bad_command", "bad_request_id"):
+            raise ApiError(400, "bad_request", message)
+        if code in ("mode_conflict", "request_id_reused"):
+            raise ApiError(409, code, message, **extra)
+        raise ApiError(503, "unavailable", message)
+    raise ApiError(503, "unavailable", f"unexpected lock result {status!r}")
+
+
+def _view_json(locks: LockService, view: LockView) -> dict[str, Any]:
+    return {
+        "name": view.name,
+        "mode": view.mode.value if view.mode is not None else None,
+        "last_token": view.last_token,
+        "holders": [
+            {
+                "owner": h.owner,
+                "mode": h.mode.value,
+                "token": h.token,
+                "ttl_ms": h.ttl_ms,
+                "expires_in_ms": locks.expires_in_ms(h.expires_at_ms, h.ttl_ms),
+            }
+            for h in view.holders
+        ],
+        "waiters": [
+            {"owner": w.owner, "mode": w.mode.value, "seq": w.seq, "position": i + 1}
+            for i, w in enumerate(view.waiters)
+        ],
+    }
+
+
+async def _barrier(request: web.Request) -> None:
+    runner = request.app[NODE_KEY].runner
+    assert runner is not None  # on_leader answered 503 otherwise
+    await runner.read_barrier(READ_TIMEOUT_SECONDS)
+
+
+# --- /v1/locks -----------------------------------------------------------------------
+
+
+@routes.post("/v1/locks/{name}")
+@on_leader
+async def acquire(request: web.Request) -> web.Response:
+    locks = _service(request)
+    name = _name(request)
+    body = await read_json(request)
+    owner = _owner(body)
+    mode = _mode(body)
+    ttl_ms = field_int(body, "ttl_ms", DEFAULT_TTL_MS, MIN_TTL_MS, MAX_TTL_MS)
+    wait_ms = field_int(body, "wait_ms", 0, 0, MAX_WAIT_MS)
+    result = await locks.acquire(name, owner, mode, ttl_ms, wait_ms, request_id_of(request, body))
+    if result.get("status") != "granted":
+        _raise_for(result)
+    return web.json_response(_grant_json(locks, result))
+
+
+@routes.delete("/v1/locks/{name}")
+@on_leader
+async def release(request: web.Request) -> web.Response:
+    locks = _service(request)
+    name = _name(request)
+    body = await read_json(request)
+    owner = _owner(body)
+    token = _token(body)
+    result = await locks.release(name, owner, token, request_id_of(request, body))
+    if result.get("status") != "released":
+        _raise_for(result)
+    return web.json_response({"released": True})
+
+
+@routes.post("/v1/locks/{name}/keepalive")
+@on_leader
+async def keepalive(request: web.Request) -> web.Response:
+    locks = _service(request)
+    name = _name(request)
+    body = await read_json(request)
+    owner = _owner(body)
+    token = _token(body)
+    ttl_ms = body.get("ttl_ms")
+    if ttl_ms is not None:
+        ttl_ms = field_int(body, "ttl_ms", DEFAULT_TTL_MS, MIN_TTL_MS, MAX_TTL_MS)
+    result = await locks.keepalive(name, owner, token, ttl_ms, request_id_of(request, body))
+    if result.get("status") != "ok":
+        _raise_for(result)
+    return web.json_response(
+        {
+            "name": name,
+            "owner": owner,
+            "token": result["token"],
+            "ttl_ms": result["ttl_ms"],
+            "expires_in_ms": locks.expires_in_ms(result["expires_at_ms"], result["ttl_ms"]),
+        }
+    )
+
+
+@routes.post("/v1/locks/{name}/cancel")
+@on_leader
+async def cancel(request: web.Request) -> web.Response:
+    """Give up a wait. 200 {"cancelled": true}; or the grant, if it came first."""
+    locks = _service(request)
+    name = _name(request)
+    body = await read_json(request)
+    owner = _owner(body)
+    seq = body.get("seq")
+    if seq is not None:
+        seq = field_int(body, "seq", 0, 0, MAX_TOKEN)
+    result = await locks.cancel_wait(name, owner, seq)
+    status = result.get("status")
+    if status == "granted":
+        return web.json_response({"cancelled": False, **_grant_json(locks, result)})
+    if status == "cancelled":
+        return web.json_response({"cancelled": True})
+    if status == "not_waiting":
+        raise ApiError(404, "not_waiting", "this owner is not waiting for the lock")
+    _raise_for(result)
+    raise AssertionError("unreachable")
+
+
+@routes.get("/v1/locks/{name}")
+@on_leader
+async def get_lock(request: web.Request) -> web.Response:
+    locks = _service(request)
+    name = _name(request)
+    await _barrier(request)
+    view = locks.get(name)
+    if view is None or not (view.holders or view.waiters):
+        raise ApiError(404, "not_found", f"lock {name!r} is not held and has no waiters")
+    return web.json_response(_view_json(locks, view))
+
+
+@routes.get("/v1/locks")
+@on_leader
+async def list_locks(request: web.Request) -> web.Response:
+    locks = _service(request)
+    await _barrier(request)
+    return web.json_response({"locks": [_view_json(locks, v) for v in locks.all_held()]})
+
+
+@routes.post("/v1/locks/{name}/validate")
+@on_leader
+async def validate(request: web.Request) -> web.Response:
+    locks = _service(request)
+    name = _name(request)
+    body = await read_json(request)
+    token = _token(body)
+    await _barrier(request)
+    return web.json_response({"valid": locks.validate(name, token)})
+
+
+# --- the course prototype's aliases --------------------------------------------------
+
+
+@routes.post("/lock")
+@on_leader
+async def seed_lock(request: web.Request) -> web.Response:
+    """`{"resource", "owner"}`: an exclusive try-lock with the default TTL."""
+    locks = _service(request)
+    body = await read_json(request)
+    name = _name(request, field_str(body, "resource", max_bytes=MAX_NAME_BYTES))
+    owner = _owner(body)
+    ttl_ms = field_int(body, "ttl_ms", DEFAULT_TTL_MS, MIN_TTL_MS, MAX_TTL_MS)
+    wait_ms = field_int(body, "wait_ms", 0, 0, MAX_WAIT_MS)
+    result = await locks.acquire(
+        name, owner, "exclusive", ttl_ms, wait_ms, request_id_of(request, body)
+    )
+    if result.get("status") != "granted":
+        _raise_for(result)
+    return web.json_response({"success": True, "resource": name, **_grant_json(locks, result)})
+
+
+@routes.post("/unlock")
+@on_leader
+async def seed_unlock(request: web.Request) -> web.Response:
+    """`{"resource", "owner"}`: release whatever grant the owner holds (no token needed,
+    as in the prototype; the token is looked up on the leader)."""
+    locks = _service(request)
+    body = await read_json(request)
+    name = _name(request, field_str(body, "resource", max_bytes=MAX_NAME_BYTES))
+    owner = _owner(body)
+    view = locks.get(name)
+    hold = next((h for h in view.holders if h.owner == owner), None) if view else None
+    if hold is None:
+        _raise_for({"status": "not_held", "name": name})
+        raise AssertionError("unreachable")
+    result = await locks.release(name, owner, hold.token, request_id_of(request, body))
+    if result.get("status") != "released":
+        _raise_for(result)
+    return web.json_response({"success": True, "released": True, "resource": name})
+
+
+@routes.get("/locks")
+@on_leader
+async def seed_locks(request: web.Request) -> web.Response:
+    """`{"locks": {resource: owner}}`; a shared lock shows its earliest holder."""
+    locks = _service(request)
+    await _barrier(request)
+    return web.json_response(
+        {"locks": {v.name: v.holders[0].owner for v in locks.all_held() if v.holders}}
+    )
