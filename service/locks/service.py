@@ -81,6 +81,19 @@ class LockService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._scanner: asyncio.Task[None] | None = None
         self._stopping = False
+        # Create every series at 0 so dashboards and alerts see them before the first event.
+        for series in (
+            metrics.lock_releases,
+            metrics.lock_expiries,
+            metrics.lock_deadlocks,
+            metrics.lock_held,
+            metrics.lock_acquire_seconds,
+        ):
+            series.labels(node_id)
+        for mode in ("exclusive", "shared"):
+            metrics.lock_acquisitions.labels(node_id, mode)
+        for outcome in ("queued", "granted", "timeout"):
+            metrics.lock_waits.labels(node_id, outcome)
 
     # --- service wiring --------------------------------------------------------------
 

@@ -1,0 +1,290 @@
+"""The Locks part of the REST contract, against three real node processes.
+
+One cluster serves the whole module (starting one costs seconds); every test uses lock
+names of its own. Requests go to different nodes on purpose: followers must forward.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from service.cluster import LocalCluster, http_json
+from tests.integration.conftest import REDIS_PORT_OFFSET, make_cluster
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = make_cluster(Path(tmp_path_factory.mktemp("locks")))
+    cluster.start()
+    try:
+        cluster.wait_for_leader(30)
+        yield cluster
+    finally:
+        cluster.stop(timeout=10)
+        cluster.kill_all()
+
+
+def call(c: LocalCluster, node: int, method: str, path: str, body: Any = None,
+         timeout: float = 10.0) -> tuple[int, dict[str, Any]]:
+    return http_json(method, c.nodes[node % c.size].url + path, body, timeout=timeout)
+
+
+def acquire(c: LocalCluster, node: int, name: str, owner: str, **opts: Any
+            ) -> tuple[int, dict[str, Any]]:
+    return call(c, node, "POST", f"/v1/locks/{name}", {"owner": owner, **opts})
+
+
+def release(c: LocalCluster, node: int, name: str, owner: str, token: int
+            ) -> tuple[int, dict[str, Any]]:
+    return call(c, node, "DELETE", f"/v1/locks/{name}", {"owner": owner, "token": token})
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def test_acquire_release_through_every_node(c: LocalCluster) -> None:
+    name = unique("basic")
+    status, grant = acquire(c, 1, name, "alice")
+    assert status == 200, grant
+    assert grant["name"] == name and grant["owner"] == "alice" and grant["mode"] == "exclusive"
+    assert 0 < grant["expires_in_ms"] <= 30_000
+    status, err = acquire(c, 2, name, "bob")
+    assert (status, err["error"]["code"]) == (409, "lock_held")
+    status, view = call(c, 0, "GET", f"/v1/locks/{name}")
+    assert status == 200
+    assert [(h["owner"], h["token"]) for h in view["holders"]] == [("alice", grant["token"])]
+    status, listing = call(c, 2, "GET", "/v1/locks")
+    assert name in [lock["name"] for lock in listing["locks"]]
+    assert release(c, 2, name, "alice", grant["token"]) == (200, {"released": True})
+    assert call(c, 1, "GET", f"/v1/locks/{name}")[0] == 404
+    assert release(c, 0, name, "alice", grant["token"])[1]["error"]["code"] == "not_held"
+
+
+def test_tokens_strictly_increase_and_validate(c: LocalCluster) -> None:
+    name = unique("fence")
+    tokens = []
+    for i in range(4):
+        status, grant = acquire(c, i, name, f"o{i}")
+        assert status == 200, grant
+        tokens.append(grant["token"])
+        assert call(c, i + 1, "POST", f"/v1/locks/{name}/validate",
+                    {"token": grant["token"]}) == (200, {"valid": True})
+        assert release(c, i + 2, name, f"o{i}", grant["token"])[0] == 200
+        assert call(c, i, "POST", f"/v1/locks/{name}/validate",
+                    {"token": grant["token"]}) == (200, {"valid": False})
+    assert tokens == sorted(set(tokens)), tokens
+
+
+def test_blocking_waiters_are_granted_in_fifo_order(c: LocalCluster) -> None:
+    name = unique("fifo")
+    status, first = acquire(c, 0, name, "holder")
+    assert status == 200
+    results: dict[str, tuple[int, dict[str, Any]]] = {}
+
+    def wait(owner: str, node: int) -> None:
+        results[owner] = acquire(c, node, name, owner, wait_ms=8000, ttl_ms=5000)
+
+    threads = []
+    for i, owner in enumerate(["w1", "w2"]):
+        t = threading.Thread(target=wait, args=(owner, i + 1))
+        t.start()
+        threads.append(t)
+        _wait_until(lambda o=owner: o in _waiter_owners(c, name), 5)
+    assert _waiter_owners(c, name) == ["w1", "w2"]
+    assert release(c, 2, name, "holder", first["token"])[0] == 200
+    threads[0].join(10)
+    status, g1 = results["w1"]
+    assert status == 200 and g1["token"] > first["token"], results
+    assert "w2" not in results, "w2 was granted while w1 held the lock"
+    assert release(c, 0, name, "w1", g1["token"])[0] == 200
+    threads[1].join(10)
+    status, g2 = results["w2"]
+    assert status == 200 and g2["token"] > g1["token"]
+
+
+def test_timed_out_waiter_is_removed_and_never_granted(c: LocalCluster) -> None:
+    name = unique("timeout")
+    status, grant = acquire(c, 0, name, "holder")
+    started = time.monotonic()
+    status, err = acquire(c, 1, name, "quitter", wait_ms=400)
+    assert (status, err["error"]["code"]) == (409, "wait_timeout")
+    assert time.monotonic() - started >= 0.35
+    assert _waiter_owners(c, name) == []
+    assert release(c, 0, name, "holder", grant["token"])[0] == 200
+    assert call(c, 2, "GET", f"/v1/locks/{name}")[0] == 404, "granted to a client that gave up"
+
+
+def test_shared_holders_and_no_writer_starvation(c: LocalCluster) -> None:
+    name = unique("rw")
+    s1 = acquire(c, 0, name, "r1", mode="shared")[1]
+    s2 = acquire(c, 1, name, "r2", mode="shared")[1]
+    assert s1["mode"] == s2["mode"] == "shared"
+    out: dict[str, tuple[int, dict[str, Any]]] = {}
+    writer = threading.Thread(
+        target=lambda: out.setdefault("w", acquire(c, 2, name, "w", wait_ms=8000))
+    )
+    writer.start()
+    _wait_until(lambda: "w" in _waiter_owners(c, name), 5)
+    # A shared request behind a waiting writer must queue, not jump ahead.
+    status, err = acquire(c, 0, name, "r3", mode="shared")
+    assert (status, err["error"]["code"]) == (409, "lock_held")
+    release(c, 0, name, "r1", s1["token"])
+    assert "w" not in out
+    release(c, 1, name, "r2", s2["token"])
+    writer.join(10)
+    assert out["w"][0] == 200 and out["w"][1]["mode"] == "exclusive"
+
+
+def test_deadlock_is_refused_at_once(c: LocalCluster) -> None:
+    a, b = unique("dl-a"), unique("dl-b")
+    ga = acquire(c, 0, a, "A")[1]
+    gb = acquire(c, 1, b, "B")[1]
+    out: dict[str, tuple[int, dict[str, Any]]] = {}
+    t = threading.Thread(target=lambda: out.setdefault("A", acquire(c, 2, b, "A", wait_ms=5000)))
+    t.start()
+    _wait_until(lambda: "A" in _waiter_owners(c, b), 5)
+    started = time.monotonic()
+    status, err = acquire(c, 0, a, "B", wait_ms=5000)
+    assert (status, err["error"]["code"]) == (409, "deadlock")
+    assert time.monotonic() - started < 2
+    assert err["error"]["cycle"] == ["B", "A"]
+    release(c, 1, b, "B", gb["token"])
+    t.join(10)
+    assert out["A"][0] == 200
+    release(c, 0, a, "A", ga["token"])
+
+
+def test_keepalive_extends_and_expiry_is_learned_on_keepalive(c: LocalCluster) -> None:
+    name = unique("lease")
+    grant = acquire(c, 0, name, "h", ttl_ms=600)[1]
+    for _ in range(4):  # keeps it alive well past one TTL
+        time.sleep(0.25)
+        status, kept = call(c, 1, "POST", f"/v1/locks/{name}/keepalive",
+                            {"owner": "h", "token": grant["token"]})
+        assert status == 200, kept
+        assert kept["token"] == grant["token"] and kept["expires_in_ms"] > 300
+    _wait_until(lambda: call(c, 2, "GET", f"/v1/locks/{name}")[0] == 404, 5)
+    status, err = call(c, 0, "POST", f"/v1/locks/{name}/keepalive",
+                       {"owner": "h", "token": grant["token"]})
+    assert (status, err["error"]["code"]) == (404, "not_held")
+    again = acquire(c, 2, name, "other")[1]
+    assert again["token"] > grant["token"]
+
+
+def test_request_id_applies_once(c: LocalCluster) -> None:
+    name = unique("once")
+    rid = uuid.uuid4().hex
+    first = acquire(c, 0, name, "a", request_id=rid)
+    second = acquire(c, 1, name, "a", request_id=rid)
+    assert first[0] == second[0] == 200 and first[1]["token"] == second[1]["token"]
+    status, err = acquire(c, 2, name, "zzz", request_id=rid)
+    assert (status, err["error"]["code"]) == (409, "request_id_reused")
+    rel = {"owner": "a", "token": first[1]["token"], "request_id": uuid.uuid4().hex}
+    assert call(c, 0, "DELETE", f"/v1/locks/{name}", rel) == (200, {"released": True})
+    assert call(c, 1, "DELETE", f"/v1/locks/{name}", rel) == (200, {"released": True})
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code"),
+    [
+        ("/v1/locks/x", {"ttl_ms": 1000}, 400, "bad_request"),
+        ("/v1/locks/x", {"owner": ""}, 400, "bad_request"),
+        ("/v1/locks/x", {"owner": "a", "ttl_ms": 5}, 400, "bad_request"),
+        ("/v1/locks/x", {"owner": "a", "ttl_ms": 10**12}, 400, "bad_request"),
+        ("/v1/locks/x", {"owner": "a", "ttl_ms": "30s"}, 400, "bad_request"),
+        ("/v1/locks/x", {"owner": "a", "wait_ms": -1}, 400, "bad_request"),
+        ("/v1/locks/x", {"owner": "a", "mode": "upgrade"}, 400, "bad_request"),
+        ("/v1/locks/" + "n" * 257, {"owner": "a"}, 400, "bad_request"),
+        ("/v1/locks/x/keepalive", {"owner": "a"}, 400, "bad_request"),
+        ("/v1/locks/x/validate", {"token": "7"}, 400, "bad_request"),
+        ("/lock", {"owner": "a"}, 400, "bad_request"),
+    ],
+)
+def test_bad_input_is_a_clear_4xx(c: LocalCluster, path: str, body: dict[str, Any],
+                                  status: int, code: str) -> None:
+    got, err = call(c, 1, "POST", path, body)
+    assert (got, err["error"]["code"]) == (status, code), err
+    assert err["error"]["message"]
+
+
+def test_malformed_json_and_wrong_token(c: LocalCluster) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(c.nodes[2].url + "/v1/locks/j", data=b"{owner:",
+                                     method="POST")
+    try:
+        urllib.request.urlopen(request, timeout=5)
+        raise AssertionError("malformed JSON was accepted")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 400
+    name = unique("tok")
+    grant = acquire(c, 0, name, "a")[1]
+    status, err = release(c, 1, name, "a", grant["token"] + 1)
+    assert (status, err["error"]["code"]) == (409, "stale_token")
+    assert release(c, 1, name, "a", grant["token"])[0] == 200
+
+
+def test_seed_aliases(c: LocalCluster) -> None:
+    name = unique("seed")
+    status, body = call(c, 0, "POST", "/lock", {"resource": name, "owner": "p"})
+    assert status == 200 and body["success"] is True
+    assert call(c, 1, "POST", "/lock", {"resource": name, "owner": "q"})[0] == 409
+    assert call(c, 2, "GET", "/locks")[1]["locks"][name] == "p"
+    assert call(c, 1, "POST", "/unlock", {"resource": name, "owner": "p"})[0] == 200
+    assert name not in call(c, 0, "GET", "/locks")[1]["locks"]
+    assert call(c, 1, "POST", "/unlock", {"resource": name, "owner": "p"})[0] == 404
+
+
+def test_lock_state_is_mirrored_in_redis_hashes(c: LocalCluster) -> None:
+    name = unique("mirror")
+    grant = acquire(c, 0, name, "m", ttl_ms=60_000)[1]
+    expected = f"{grant['token']}|exclusive|60000|"
+    for node in c.nodes:
+        r = redis.Redis(port=node.port + REDIS_PORT_OFFSET, decode_responses=True)
+
+        def mirrored(r: redis.Redis = r) -> bool:
+            fields = r.hgetall(f"dsync:lock:{name}")
+            return str(fields.get("holder:m", "")).startswith(expected)
+
+        _wait_until(mirrored, 5)
+        assert r.hget(f"dsync:lock:{name}", "last_token") == str(grant["token"])
+        r.close()
+
+
+def test_lock_metrics_are_exported(c: LocalCluster) -> None:
+    name = unique("metrics")
+    grant = acquire(c, 0, name, "m")[1]
+    release(c, 0, name, "m", grant["token"])
+    leader = c.wait_for_leader(5)
+    import urllib.request
+
+    text = urllib.request.urlopen(c.nodes[leader].url + "/metrics", timeout=5).read().decode()
+    for series in ("dsync_lock_acquisitions_total", "dsync_lock_releases_total",
+                   "dsync_lock_acquire_seconds_bucket", "dsync_lock_held",
+                   "dsync_lock_deadlocks_total", "dsync_lock_expiries_total"):
+        assert series in text, series
+
+
+def _waiter_owners(c: LocalCluster, name: str) -> list[str]:
+    status, view = call(c, 0, "GET", f"/v1/locks/{name}")
+    return [w["owner"] for w in view.get("waiters", [])] if status == 200 else []
+
+
+def _wait_until(predicate: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout} s")
