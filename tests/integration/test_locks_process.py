@@ -11,6 +11,7 @@ killed and restarted: holders and waiters are all still there.
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -93,7 +94,7 @@ def check_history(holds: list[Hold]) -> None:
         ordered = sorted((h for h in holds if h.name == name), key=lambda h: h.token)
         tokens = [h.token for h in ordered]
         assert len(set(tokens)) == len(tokens), f"{name}: a token was granted twice"
-        for before, after in zip(ordered, ordered[1:], strict=False):
+        for before, after in itertools.pairwise(ordered):
             assert before.release_sent_at is not None
             assert after.acked_at > before.release_sent_at, (
                 f"{name}: {after.owner} (token {after.token}) was granted while "
