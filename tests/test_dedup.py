@@ -1,0 +1,97 @@
+"""Exactly-once request ids: the dedup table and the Deduplicated wrapper."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.dedup import DEDUP_PREFIX, Deduplicated, DedupTable
+from service.kv.machine import KvStateMachine
+from service.machines import MachineRegistry
+from service.statemachine import Command
+
+
+def make(max_entries: int = 10) -> tuple[DedupTable, Deduplicated, MachineRegistry]:
+    table = DedupTable(max_entries)
+    kv = Deduplicated(KvStateMachine(), table, "kv")
+    return table, kv, MachineRegistry([kv, table])
+
+
+def put(value: str, rid: str | None, expected: int | None = None) -> Command:
+    args: dict[str, object] = {"key": "k", "value": value}
+    if expected is not None:
+        args["expected_version"] = expected
+    return Command("kv.put", args, rid)
+
+
+def test_a_retried_command_applies_once_and_returns_the_first_result() -> None:
+    _, kv, registry = make()
+    first = registry.apply(5, put("a", "r1"))
+    again = registry.apply(9, put("a", "r1"))
+    assert first == again == {"status": "ok", "version": 5}
+    assert kv.inner.get("k") == ("a", 5)  # type: ignore[attr-defined]
+
+
+def test_without_request_id_every_copy_applies() -> None:
+    _, kv, registry = make()
+    registry.apply(5, put("a", None))
+    registry.apply(6, put("a", None))
+    assert kv.inner.get("k") == ("a", 6)  # type: ignore[attr-defined]
+
+
+def test_argument_order_does_not_matter_but_different_arguments_are_refused() -> None:
+    _, _, registry = make()
+    registry.apply(1, Command("kv.put", {"key": "k", "value": "a"}, "r"))
+    reordered = registry.apply(2, Command("kv.put", {"value": "a", "key": "k"}, "r"))
+    assert reordered == {"status": "ok", "version": 1}
+    other = registry.apply(3, put("b", "r"))
+    assert other["code"] == "request_id_reused"
+    assert registry.apply(4, Command("kv.delete", {"key": "k"}, "r"))["code"] == (
+        "request_id_reused"
+    )
+
+
+def test_bad_request_ids_are_refused_without_applying() -> None:
+    _, kv, registry = make()
+    result = registry.apply(1, put("a", "x" * 300))
+    assert result["code"] == "bad_request_id"
+    assert kv.inner.get("k") is None  # type: ignore[attr-defined]
+
+
+def test_table_is_bounded_and_forgets_the_oldest_deterministically() -> None:
+    table, kv, registry = make(max_entries=3)
+    for i in range(1, 6):
+        registry.apply(i, put(f"v{i}", f"r{i}"))
+    assert len(table) == 3
+    assert table.lookup("kv", "r1") is None and table.lookup("kv", "r2") is None
+    assert table.lookup("kv", "r5") is not None
+    writes = {w.key: w for w in registry.take_writes()}
+    req = writes[DEDUP_PREFIX + "kv"]
+    assert set(req.fields) == {"r3", "r4", "r5"}
+    # A forgotten id applies again (documented: keep retry windows short).
+    registry.apply(6, put("v1", "r1"))
+    assert kv.inner.get("k") == ("v1", 6)  # type: ignore[attr-defined]
+
+
+def test_dump_and_load_round_trip_keeps_results_and_order() -> None:
+    _table, _, registry = make(max_entries=3)
+    for i in range(1, 4):
+        registry.apply(i, put(f"v{i}", f"r{i}"))
+    dumped = registry.dump()
+    table2, _, registry2 = make(max_entries=3)
+    registry2.load(dumped)
+    assert registry2.dump() == dumped
+    assert registry2.apply(10, put("v2", "r2")) == {"status": "ok", "version": 2}
+    registry2.apply(11, put("v4", "r4"))
+    assert table2.lookup("kv", "r1") is None  # the oldest by index went first
+
+
+def test_a_malformed_materialised_entry_stops_the_load() -> None:
+    table = DedupTable()
+    with pytest.raises(ValueError, match="malformed dedup entry"):
+        table.load({DEDUP_PREFIX + "kv": {"r": "{not json"}})
+
+
+def test_dedup_table_handles_no_ops_itself() -> None:
+    table = DedupTable()
+    assert not table.handles("kv.put")
+    assert table.apply(1, put("a", None))["code"] == "unknown_op"
