@@ -100,6 +100,28 @@ class NodeMetrics:
         self.queue_acked = Counter(
             "dsync_queue_acked_total", "Messages acknowledged", [*n, "queue"], registry=r
         )
+        self.queue_redelivered = Counter(
+            "dsync_queue_redelivered_total", "Messages delivered again", [*n, "queue"], registry=r
+        )
+        self.queue_dead_lettered = Counter(
+            "dsync_queue_dead_lettered_total",
+            "Messages moved to the dead letters",
+            [*n, "queue"],
+            registry=r,
+        )
+        self.queue_lag = Gauge(
+            "dsync_queue_lag",
+            "Messages not yet finished by the slowest group, per partition led here",
+            [*n, "queue", "partition"],
+            registry=r,
+        )
+        self.queue_publish_seconds = Histogram(
+            "dsync_queue_publish_seconds",
+            "Publish latency on the partition leader (until durable on the ISR)",
+            n,
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
         self.cache_hits = Counter("dsync_cache_hits_total", "Cache hits", n, registry=r)
         self.cache_misses = Counter("dsync_cache_misses_total", "Cache misses", n, registry=r)
 

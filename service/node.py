@@ -24,6 +24,8 @@ from service.kv.machine import KvStateMachine
 from service.locks.service import LockService
 from service.machines import MachineRegistry
 from service.metrics import NodeMetrics
+from service.queue.service import QueueService
+from service.queue.store import RedisPartitionStore
 from service.raft.core import RaftConfig, RaftCore, Role
 from service.raft.runner import RaftRunner, decode_snapshot_data
 from service.statemachine import StateMachine
@@ -55,6 +57,7 @@ class Node:
     # request_id -> result of every command that carried one (exactly-once retries).
     dedup: DedupTable = field(default_factory=DedupTable)
     locks: LockService | None = None
+    queues: QueueService | None = None
     peer_urls: dict[str, str] = field(default_factory=dict)
     services: list[Any] = field(default_factory=list)
     _site_runner: web.AppRunner | None = None
@@ -218,6 +221,11 @@ class Node:
             connections_per_host=128,
         )
         await self.transport.start()
+        if self.queues is not None:
+            assert self.redis is not None
+            self.queues.store = RedisPartitionStore(self.redis)
+            self.queues.peer_urls = dict(self.peer_urls)
+            self.queues.secret = settings.cluster_secret
         for service in self.services:
             service.attach(self.runner)
         self.runner.start()

@@ -10,7 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from service.locks.service import LockService, LockUnavailable, now_ms
+from service.clock import now_ms
+from service.locks.service import LockService, LockUnavailable
+from service.queue.service import QueueService
+from service.queue.store import MemoryPartitionStore
 
 if TYPE_CHECKING:
     from service.node import Node
@@ -47,3 +50,8 @@ def install_services(node: Node) -> None:
     locks.remote_cancel = cancel_on_leader
     node.locks = locks
     node.services.append(locks)
+
+    # The node swaps in its Redis-backed store once its Redis is up (Node._start_raft).
+    queues = QueueService(node.node_id, node.metrics, MemoryPartitionStore())
+    node.queues = queues
+    node.services.append(queues)

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from service.clock import now_ms
 from service.locks import results
 from service.locks.machine import LockStateMachine
 from service.locks.table import Granted, LockView, WaitDropped
@@ -46,11 +47,6 @@ EXPIRY_SCAN_SECONDS = 0.05
 MAX_EXPIRIES_IN_FLIGHT = 256
 # The cancel of a timed-out wait is retried this long before the outcome is "unknown".
 CANCEL_DEADLINE_SECONDS = 5.0
-
-
-def now_ms() -> int:
-    """This node's monotonic clock in ms: the only clock lock deadlines are compared with."""
-    return time.monotonic_ns() // 1_000_000
 
 
 class LockUnavailable(RaftError):

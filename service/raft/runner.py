@@ -115,6 +115,8 @@ class RaftRunner:
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._last_role: tuple[Role, int, str | None] = (core.role, core.term, core.leader)
         self.fatal_error: BaseException | None = None
+        # When each peer was last heard from (loop time): services use it as liveness.
+        self.last_heard: dict[str, float] = {}
         self._publish_status()
 
     # --- wiring ---------------------------------------------------------------
@@ -229,8 +231,12 @@ class RaftRunner:
 
     async def _turn(self) -> None:
         core = self.core
-        while self._inbox:
-            core.step(self._inbox.popleft())
+        if self._inbox:
+            heard = asyncio.get_running_loop().time()
+            while self._inbox:
+                message = self._inbox.popleft()
+                self.last_heard[message.src] = heard
+                core.step(message)
         self._start_queued()
         if core.has_ready():
             rd = core.ready()

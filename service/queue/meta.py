@@ -1,0 +1,216 @@
+"""Queue metadata as a Raft state machine: which queues exist, their options, and for each
+partition its replica set, leader, in-sync replicas and epoch.
+
+Only this goes through Raft; messages do not (each partition leader replicates its own
+op stream). The Raft leader decides placements and leader moves; partition leaders
+propose ISR changes. Every change names the epoch it was decided under, so a decision
+made on stale information is refused instead of undoing a newer one.
+
+Materialised as `dsync:qmeta:<queue>` hashes:
+
+    partitions, replicas, max_length, delivery_limit     the queue's options
+    p:<i>   epoch|leader|replica,replica,...|isr,isr,...  partition i
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from service.statemachine import Command
+from service.storage.protocols import HashWrite
+
+log = logging.getLogger(__name__)
+
+PREFIX = "dsync:qmeta:"
+
+Result = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueOptions:
+    partitions: int = 16
+    replicas: int = 3
+    max_length: int = 1_000_000
+    delivery_limit: int = 5
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "partitions": self.partitions,
+            "replicas": self.replicas,
+            "max_length": self.max_length,
+            "delivery_limit": self.delivery_limit,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionMeta:
+    epoch: int
+    leader: str
+    replicas: tuple[str, ...]
+    isr: tuple[str, ...]
+
+    def encode(self) -> str:
+        return f"{self.epoch}|{self.leader}|{','.join(self.replicas)}|{','.join(self.isr)}"
+
+    @staticmethod
+    def decode(text: str) -> PartitionMeta:
+        epoch, leader, replicas, isr = text.split("|")
+        return PartitionMeta(
+            int(epoch), leader, tuple(r for r in replicas.split(",") if r),
+            tuple(i for i in isr.split(",") if i),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueMeta:
+    name: str
+    options: QueueOptions
+    partitions: tuple[PartitionMeta, ...]
+
+
+def _error(code: str, message: str) -> Result:
+    return {"status": "error", "code": code, "message": message}
+
+
+class QueueMetaMachine:
+    prefix: str = PREFIX
+
+    def __init__(self) -> None:
+        self._queues: dict[str, QueueMeta] = {}
+        self._dirty: set[str] = set()
+
+    # --- queries -----------------------------------------------------------------------
+
+    def get(self, queue: str) -> QueueMeta | None:
+        return self._queues.get(queue)
+
+    def queues(self) -> list[QueueMeta]:
+        return [self._queues[name] for name in sorted(self._queues)]
+
+    # --- StateMachine ------------------------------------------------------------------
+
+    def handles(self, op: str) -> bool:
+        return op.startswith("queue.")
+
+    def apply(self, index: int, command: Command) -> Result:
+        try:
+            if command.op == "queue.create":
+                return self._create(command.args)
+            if command.op == "queue.move":
+                return self._move(command.args)
+            if command.op == "queue.isr":
+                return self._isr(command.args)
+        except (KeyError, TypeError, ValueError) as exc:
+            return _error("bad_command", f"{command.op}: {exc!r}")
+        return _error("unknown_op", f"unknown queue operation {command.op!r}")
+
+    def take_writes(self) -> list[HashWrite]:
+        writes = []
+        for name in sorted(self._dirty):
+            meta = self._queues.get(name)
+            fields = _encode(meta) if meta is not None else {}
+            writes.append(HashWrite(PREFIX + name, fields, drop=True))
+        self._dirty.clear()
+        return writes
+
+    def dump(self) -> dict[str, dict[str, str]]:
+        return {PREFIX + name: _encode(meta) for name, meta in sorted(self._queues.items())}
+
+    def load(self, hashes: Mapping[str, Mapping[str, str]]) -> None:
+        queues: dict[str, QueueMeta] = {}
+        for key, fields in hashes.items():
+            if not key.startswith(PREFIX):
+                continue
+            name = key[len(PREFIX) :]
+            options = QueueOptions(
+                int(fields["partitions"]), int(fields["replicas"]),
+                int(fields["max_length"]), int(fields["delivery_limit"]),
+            )
+            parts = tuple(
+                PartitionMeta.decode(fields[f"p:{i}"]) for i in range(options.partitions)
+            )
+            queues[name] = QueueMeta(name, options, parts)
+        self._queues = queues
+        self._dirty.clear()
+
+    # --- commands ----------------------------------------------------------------------
+
+    def _create(self, args: Mapping[str, Any]) -> Result:
+        name = str(args["queue"])
+        options = QueueOptions(
+            int(args["partitions"]), int(args["replicas"]), int(args["max_length"]),
+            int(args["delivery_limit"]),
+        )
+        existing = self._queues.get(name)
+        if existing is not None:
+            if existing.options == options or args.get("if_absent"):
+                return {"status": "exists", "options": existing.options.to_dict()}
+            return _error(
+                "queue_exists",
+                f"queue {name!r} exists with options {existing.options.to_dict()}",
+            )
+        placement = args["placement"]
+        if len(placement) != options.partitions:
+            raise ValueError("placement must list one replica set per partition")
+        parts = []
+        for replicas in placement:
+            nodes = tuple(str(n) for n in replicas)
+            if not nodes:
+                raise ValueError("a partition needs at least one replica")
+            parts.append(PartitionMeta(1, nodes[0], nodes, nodes))
+        self._queues[name] = QueueMeta(name, options, tuple(parts))
+        self._dirty.add(name)
+        return {"status": "created", "options": options.to_dict()}
+
+    def _partition(self, args: Mapping[str, Any]) -> tuple[QueueMeta, int, PartitionMeta]:
+        name = str(args["queue"])
+        meta = self._queues.get(name)
+        if meta is None:
+            raise ValueError(f"no queue {name!r}")
+        index = int(args["partition"])
+        if not 0 <= index < len(meta.partitions):
+            raise ValueError(f"no partition {index}")
+        return meta, index, meta.partitions[index]
+
+    def _store(self, meta: QueueMeta, index: int, part: PartitionMeta) -> None:
+        parts = list(meta.partitions)
+        parts[index] = part
+        self._queues[meta.name] = replace(meta, partitions=tuple(parts))
+        self._dirty.add(meta.name)
+
+    def _move(self, args: Mapping[str, Any]) -> Result:
+        """A new leader (and possibly ISR) for a partition, decided at `epoch`."""
+        meta, index, part = self._partition(args)
+        if int(args["epoch"]) != part.epoch:
+            return {"status": "stale", "epoch": part.epoch}
+        leader = str(args["leader"])
+        isr = tuple(str(n) for n in args.get("isr", part.isr))
+        if leader not in part.replicas or leader not in isr:
+            return _error("bad_command", f"{leader!r} is not an in-sync replica")
+        moved = PartitionMeta(part.epoch + 1, leader, part.replicas, isr)
+        self._store(meta, index, moved)
+        log.info("partition leader moved",
+                 extra={"queue": meta.name, "partition": index, "leader": leader,
+                        "epoch": moved.epoch})
+        return {"status": "ok", "epoch": moved.epoch}
+
+    def _isr(self, args: Mapping[str, Any]) -> Result:
+        """The partition leader shrinks or grows its in-sync set (same epoch)."""
+        meta, index, part = self._partition(args)
+        if int(args["epoch"]) != part.epoch:
+            return {"status": "stale", "epoch": part.epoch}
+        isr = tuple(str(n) for n in args["isr"])
+        if part.leader not in isr or any(n not in part.replicas for n in isr):
+            return _error("bad_command", "the ISR must hold the leader and only replicas")
+        self._store(meta, index, replace(part, isr=isr))
+        return {"status": "ok", "epoch": part.epoch}
+
+
+def _encode(meta: QueueMeta) -> dict[str, str]:
+    fields = {k: str(v) for k, v in meta.options.to_dict().items()}
+    for i, part in enumerate(meta.partitions):
+        fields[f"p:{i}"] = part.encode()
+    return fields

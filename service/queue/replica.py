@@ -1,0 +1,246 @@
+"""One partition replica on this node: its state, its position in the op stream, and the
+group-commit flusher that makes applied ops durable in the node's Redis.
+
+On the partition leader it also holds the recent ops (for followers to catch up from) and
+what each follower has durably acknowledged; publishes wait here until they are durable
+on every in-sync replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from service.queue.ops import Op, Rebase, decode_op, encode_op
+from service.queue.partition import PartitionState, Writes
+from service.queue.store import PartitionStore, Position
+
+log = logging.getLogger("dsync.queue")
+
+# Recent ops a leader keeps for followers; one further behind gets the whole state.
+OP_BUFFER = 50_000
+FLUSH_RETRY_SECONDS = 0.05
+
+
+class NotPartitionLeader(Exception):
+    """This node does not lead the partition (any more)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShippedOp:
+    seq: int
+    stamp: int  # the leadership incarnation that made it (see Position.stamp)
+    op: list[Any]  # encode_op form
+
+
+class PartitionReplica:
+    def __init__(
+        self,
+        node_id: str,
+        queue: str,
+        partition: int,
+        state: PartitionState,
+        position: Position,
+        store: PartitionStore,
+    ) -> None:
+        self.node_id = node_id
+        self.queue = queue
+        self.partition = partition
+        self.state = state
+        self.position = position
+        self.store = store
+        self.durable_seq = position.seq
+        self.leader_epoch = 0  # epoch this node leads the partition in; 0: not leading
+        self.stamp = 0  # this leadership's stamp
+        # Where this leadership's history began: (seq, stamp) of the op before its first.
+        self.base: tuple[int, int] = (position.seq, position.stamp)
+        self.buffer: collections.deque[ShippedOp] = collections.deque(maxlen=OP_BUFFER)
+        self.follower_acked: dict[str, int] = {}
+        # Loop time each follower was last seen holding everything sent to it.
+        self.follower_caught_up_at: dict[str, float] = {}
+        self.isr: tuple[str, ...] = ()
+        self.new_messages = asyncio.Event()
+        self.progress = asyncio.Event()  # set whenever durable/acked positions move
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._flush_task: asyncio.Task[None] | None = None
+        self._unsaved = Writes()
+        self.on_ops: Callable[[PartitionReplica], None] | None = None  # wakes senders
+
+    # --- leadership --------------------------------------------------------------------
+
+    @property
+    def leading(self) -> bool:
+        return self.leader_epoch > 0
+
+    def become_leader(self, epoch: int, isr: Sequence[str], now: int, nonce: int) -> None:
+        """Lead in `epoch`. `nonce` (random, 32 bits) makes this incarnation's stamp
+        unique even when a restarted node resumes the same epoch: ops it made before the
+        crash but never persisted may sit on followers, and must not pass for new ones."""
+        self.leader_epoch = epoch
+        self.stamp = (epoch << 32) | (nonce & 0xFFFFFFFF)
+        self.isr = tuple(isr)
+        self.follower_acked = {}
+        # Every ISR member starts with a full grace period under the new leader.
+        started = asyncio.get_running_loop().time()
+        self.follower_caught_up_at = {f: started for f in self.isr}
+        self.buffer.clear()
+        self.base = (self.position.seq, self.position.stamp)
+        self.position = Position(epoch, self.position.seq, self.position.stamp)
+        # The first op of every epoch: restarts visibility deadlines on this clock and
+        # marks where this leader's history begins.
+        self.apply_local([Rebase(now)])
+        log.info("partition leader", extra={"queue": self.queue, "partition": self.partition,
+                                            "epoch": epoch, "seq": self.position.seq})
+
+    def step_down(self) -> None:
+        if self.leader_epoch:
+            log.info("partition follower",
+                     extra={"queue": self.queue, "partition": self.partition})
+        self.leader_epoch = 0
+        self.follower_acked = {}
+        self.buffer.clear()
+        for _, future in self._waiters:
+            if not future.done():
+                future.set_exception(NotPartitionLeader(f"{self.queue}/{self.partition}"))
+                future.exception()
+        self._waiters = []
+
+    # --- leader: applying and committing -----------------------------------------------
+
+    def apply_local(self, ops: Iterable[Op]) -> int:
+        """Apply ops as the leader; returns the seq of the last one."""
+        if not self.leading:
+            raise NotPartitionLeader(f"{self.queue}/{self.partition}")
+        seq = self.position.seq
+        for op in ops:
+            self.state.apply(op)
+            seq += 1
+            self.buffer.append(ShippedOp(seq, self.stamp, encode_op(op)))
+        if seq > self.position.seq:
+            self.position = Position(self.leader_epoch, seq, self.stamp)
+        self._schedule_flush()
+        if self.on_ops is not None:
+            self.on_ops(self)
+        return seq
+
+    def committed(self, seq: int) -> bool:
+        if self.durable_seq < seq:
+            return False
+        return all(
+            self.follower_acked.get(f, 0) >= seq for f in self.isr if f != self.node_id
+        )
+
+    async def wait_committed(self, seq: int, timeout: float) -> None:
+        if self.committed(seq):
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((seq, future))
+        await asyncio.wait_for(asyncio.shield(future), timeout)
+
+    def set_isr(self, isr: Sequence[str]) -> None:
+        self.isr = tuple(isr)
+        self._release_waiters()
+
+    def follower_ack(self, node: str, seq: int) -> None:
+        if seq > self.follower_acked.get(node, -1):
+            self.follower_acked[node] = seq
+            self._release_waiters()
+
+    def ops_after(self, seq: int, limit: int) -> list[ShippedOp] | None:
+        """Ops after seq from the buffer, or None if they are no longer all there."""
+        if seq >= self.position.seq:
+            return []
+        if not self.buffer or self.buffer[0].seq > seq + 1:
+            return None
+        start = seq + 1 - self.buffer[0].seq
+        return [self.buffer[i] for i in range(start, min(len(self.buffer), start + limit))]
+
+    def stamp_at(self, seq: int) -> int | None:
+        """The stamp of op `seq` in this leader's history, if still known."""
+        if seq == self.position.seq:
+            return self.position.stamp
+        if seq == self.base[0]:
+            return self.base[1]
+        if self.buffer and self.buffer[0].seq <= seq <= self.buffer[-1].seq:
+            return self.buffer[seq - self.buffer[0].seq].stamp
+        return None
+
+    def agrees(self, seq: int, stamp: int) -> bool:
+        """Whether a follower at (seq, stamp) holds a prefix of this history."""
+        return seq == 0 or (seq <= self.position.seq and self.stamp_at(seq) == stamp)
+
+    # --- follower: applying what the leader sent ---------------------------------------
+
+    def apply_replicated(self, epoch: int, ops: Sequence[tuple[int, list[Any]]]) -> None:
+        """Apply (stamp, op) pairs that follow our position directly."""
+        seq, stamp = self.position.seq, self.position.stamp
+        for op_stamp, raw in ops:
+            self.state.apply(decode_op(raw))
+            seq += 1
+            stamp = op_stamp
+        self.position = Position(epoch, seq, stamp)
+        self._schedule_flush()
+        if any(raw and raw[0] == "p" for _, raw in ops):
+            self.new_messages.set()
+
+    async def replace_state(self, state: PartitionState, position: Position) -> None:
+        """Take the leader's whole state (we were too far behind, or diverged)."""
+        await self.flush()
+        self.state = state
+        self.position = position
+        self.base = (position.seq, position.stamp)
+        self._unsaved = Writes()
+        state.take_writes()
+        await self.store.replace(self.queue, self.partition, state, position)
+        self.durable_seq = position.seq
+
+    # --- durability (group commit) -----------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.ensure_future(self._flush_loop())
+
+    async def flush(self) -> None:
+        """Return once everything applied so far is durable."""
+        target = self.position.seq
+        while self.durable_seq < target:
+            self._schedule_flush()
+            assert self._flush_task is not None
+            await asyncio.shield(self._flush_task)
+
+    async def _flush_loop(self) -> None:
+        while self.durable_seq < self.position.seq:
+            position = self.position
+            self._unsaved.merge(self.state.take_writes())
+            writes, self._unsaved = self._unsaved, Writes()
+            try:
+                await self.store.save(self.queue, self.partition, writes, position, self.state)
+            except Exception as exc:
+                # Keep the writes: the next attempt saves them with whatever came since.
+                writes.merge(self._unsaved)
+                self._unsaved = writes
+                log.warning("partition save failed; retrying",
+                            extra={"queue": self.queue, "partition": self.partition,
+                                   "error": str(exc)})
+                await asyncio.sleep(FLUSH_RETRY_SECONDS)
+                continue
+            self.durable_seq = position.seq
+            self._release_waiters()
+
+    def _release_waiters(self) -> None:
+        self.progress.set()
+        if not self._waiters:
+            return
+        still = []
+        for seq, future in self._waiters:
+            if future.done():
+                continue
+            if self.committed(seq):
+                future.set_result(None)
+            else:
+                still.append((seq, future))
+        self._waiters = still
