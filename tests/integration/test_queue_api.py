@@ -1,0 +1,242 @@
+"""The Queues part of the REST contract, against three real node processes.
+
+One cluster serves the module; each test uses queues of its own. Requests go to
+different nodes on purpose: every node serves every queue.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from service.cluster import LocalCluster, http_json
+from tests.integration.conftest import REDIS_PORT_OFFSET, make_cluster
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = make_cluster(Path(tmp_path_factory.mktemp("queues")))
+    cluster.start()
+    try:
+        cluster.wait_for_leader(30)
+        yield cluster
+    finally:
+        cluster.stop(timeout=10)
+        cluster.kill_all()
+
+
+def call(c: LocalCluster, node: int, method: str, path: str, body: Any = None,
+         timeout: float = 10.0) -> tuple[int, Any]:
+    return http_json(method, c.nodes[node % c.size].url + path, body, timeout=timeout)
+
+
+def new_queue(c: LocalCluster, **options: Any) -> str:
+    name = f"q-{uuid.uuid4().hex[:8]}"
+    status, body = call(c, 0, "PUT", f"/v1/queues/{name}", options)
+    assert status == 201, body
+    return name
+
+
+def consume(c: LocalCluster, node: int, queue: str, **opts: Any) -> list[dict[str, Any]]:
+    body = {"consumer": "t", **opts}
+    status, reply = call(c, node, "POST", f"/v1/queues/{queue}/consume", body)
+    assert status == 200, reply
+    return list(reply["messages"])
+
+
+def drain(c: LocalCluster, queue: str, expected: int, timeout: float = 10) -> list[dict]:
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < expected and time.monotonic() < deadline:
+        batch = consume(c, len(got), queue, max=100, wait_ms=200)
+        got.extend(batch)
+    return got
+
+
+def test_publish_consume_ack_through_every_node(c: LocalCluster) -> None:
+    q = new_queue(c, partitions=4)
+    status, one = call(c, 1, "POST", f"/v1/queues/{q}/messages", {"body": {"n": 0}})
+    assert status == 201 and set(one) >= {"id", "partition"}
+    batch = {"messages": [{"body": {"n": i}} for i in range(1, 10)]}
+    status, many = call(c, 2, "POST", f"/v1/queues/{q}/messages", batch)
+    assert status == 201 and len(many) == 9
+    got = drain(c, q, 10)
+    assert sorted(m["body"]["n"] for m in got) == list(range(10))
+    assert all(m["delivery_count"] == 1 for m in got)
+    status, acked = call(c, 0, "POST", f"/v1/queues/{q}/ack",
+                         {"receipts": [m["receipt"] for m in got]})
+    assert status == 200 and acked["acked"] == 10
+    assert consume(c, 1, q, max=100) == []
+    status, info = call(c, 2, "GET", f"/v1/queues/{q}")
+    assert status == 200 and len(info["partitions"]) == 4
+    for part in info["partitions"]:
+        assert {"owner", "replicas", "epoch", "length", "pending", "lag"} <= set(part)
+        assert part["pending"] == 0 and part["lag"].get("default", 0) == 0
+
+
+def test_unacked_message_is_redelivered_after_visibility(c: LocalCluster) -> None:
+    q = new_queue(c, partitions=1)
+    call(c, 0, "POST", f"/v1/queues/{q}/messages", {"body": "again"})
+    first = consume(c, 1, q, visibility_ms=300)
+    assert [m["delivery_count"] for m in first] == [1]
+    assert consume(c, 2, q) == []  # invisible meanwhile
+    time.sleep(0.4)
+    second = consume(c, 0, q)
+    assert [m["delivery_count"] for m in second] == [2]
+    assert second[0]["id"] == first[0]["id"] and second[0]["receipt"] != first[0]["receipt"]
+
+
+def test_nack_with_delay_and_dead_letters(c: LocalCluster) -> None:
+    q = new_queue(c, partitions=1, delivery_limit=2)
+    call(c, 0, "POST", f"/v1/queues/{q}/messages", {"body": "poison", "id": "p1"})
+    for expected_count in (1, 2):
+        got = consume(c, 1, q)
+        assert [m["delivery_count"] for m in got] == [expected_count]
+        status, reply = call(c, 2, "POST", f"/v1/queues/{q}/nack",
+                             {"receipts": [got[0]["receipt"]], "delay_ms": 200})
+        assert status == 200 and reply["nacked"] == 1
+        assert consume(c, 0, q) == []  # delayed
+        time.sleep(0.25)
+    assert consume(c, 1, q) == []  # past the limit: moved, not delivered
+    status, dead = call(c, 2, "GET", f"/v1/queues/{q}/dead-letters")
+    assert status == 200
+    assert [(m["id"], m["body"], m["delivery_count"]) for m in dead["messages"]] == [
+        ("p1", "poison", 2)
+    ]
+    status, info = call(c, 0, "GET", f"/v1/queues/{q}")
+    assert info["dead_letters"] == 1
+
+
+def test_messages_of_one_key_are_delivered_in_order_one_at_a_time(c: LocalCluster) -> None:
+    q = new_queue(c, partitions=2)
+    for i in range(3):
+        call(c, i, "POST", f"/v1/queues/{q}/messages", {"body": i, "key": "order-7"})
+    seen = []
+    for _ in range(3):
+        got = consume(c, 0, q, max=10)
+        assert len(got) == 1, got  # the next one waits until this one is acked
+        seen.append(got[0]["body"])
+        call(c, 1, "POST", f"/v1/queues/{q}/ack", {"receipts": [got[0]["receipt"]]})
+    assert seen == [0, 1, 2]
+
+
+def test_publish_with_an_id_is_stored_once(c: LocalCluster) -> None:
+    q = new_queue(c, partitions=4)
+    first = call(c, 0, "POST", f"/v1/queues/{q}/messages", {"body": 1, "id": "once"})
+    again = call(c, 1, "POST", f"/v1/queues/{q}/messages", {"body": 1, "id": "once"})
+    assert first[0] == again[0] == 201
+    assert again[1]["duplicate"] is True and again[1]["partition"] == first[1]["partition"]
+    assert len(drain(c, q, 2, timeout=1.5)) == 1
+
+
+def test_full_queue_answers_429(c: LocalCluster) -> None:
+    q = new_queue(c, partitions=1, max_length=3)
+    for i in range(3):
+        assert call(c, i, "POST", f"/v1/queues/{q}/messages", {"body": i})[0] == 201
+    status, err = call(c, 1, "POST", f"/v1/queues/{q}/messages", {"body": "one too many"})
+    assert (status, err["error"]["code"]) == (429, "queue_full")
+    assert "maximum length" in err["error"]["message"]
+    got = consume(c, 0, q, max=1)
+    call(c, 0, "POST", f"/v1/queues/{q}/ack", {"receipts": [got[0]["receipt"]]})
+    deadline = time.monotonic() + 5  # trimming of acked messages runs once a second
+    while time.monotonic() < deadline:
+        if call(c, 2, "POST", f"/v1/queues/{q}/messages", {"body": "fits"})[0] == 201:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the queue stayed full after a message was acked")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code"),
+    [
+        ("PUT", "/v1/queues/opts", {"partitions": 4, "colour": "red"}, 400, "bad_request"),
+        ("PUT", "/v1/queues/opts", {"partitions": 0}, 400, "bad_request"),
+        ("PUT", "/v1/queues/opts", {"replicas": 7}, 400, "bad_request"),
+        ("PUT", "/v1/queues/bad%20name", {}, 400, "bad_request"),
+        ("POST", "/v1/queues/x/messages", {"key": "k"}, 400, "bad_request"),
+        ("POST", "/v1/queues/x/messages", {"body": 1, "extra": 2}, 400, "bad_request"),
+        ("POST", "/v1/queues/x/messages", {"messages": []}, 400, "bad_request"),
+        ("POST", "/v1/queues/x/messages", {"body": "x" * 300_000}, 413, "too_large"),
+        ("POST", "/v1/queues/x/consume", {"max": 0}, 400, "bad_request"),
+        ("POST", "/v1/queues/x/consume", {"visibility_ms": "soon"}, 400, "bad_request"),
+        ("POST", "/v1/queues/x/ack", {"receipts": ["not-a-receipt"]}, 400, "bad_receipt"),
+        ("POST", "/v1/queues/x/ack", {"receipts": []}, 400, "bad_request"),
+        ("POST", "/enqueue", {"msg": 1}, 400, "bad_request"),
+    ],
+)
+def test_bad_input_is_a_clear_4xx(c: LocalCluster, method: str, path: str, body: Any,
+                                  status: int, code: str) -> None:
+    got, err = call(c, 1, method, path, body)
+    assert (got, err["error"]["code"]) == (status, code), err
+    assert err["error"]["message"]
+
+
+def test_malformed_json_is_400(c: LocalCluster) -> None:
+    request = urllib.request.Request(c.nodes[0].url + "/v1/queues/x/messages",
+                                     data=b'{"body": ', method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=5)
+    assert err.value.code == 400
+
+
+def test_existing_queue_with_other_options_is_409(c: LocalCluster) -> None:
+    q = new_queue(c, partitions=2)
+    assert call(c, 1, "PUT", f"/v1/queues/{q}", {"partitions": 2})[0] == 200
+    status, err = call(c, 2, "PUT", f"/v1/queues/{q}", {"partitions": 3})
+    assert (status, err["error"]["code"]) == (409, "queue_exists")
+
+
+def test_seed_aliases(c: LocalCluster) -> None:
+    status, body = call(c, 0, "POST", "/enqueue", {"message": {"job": 1}})
+    assert status == 201 and body["status"] == "ok"
+    status, listing = call(c, 1, "GET", "/queue")
+    assert status == 200 and {"job": 1} in listing["queue"]
+    status, popped = call(c, 2, "POST", "/dequeue")
+    assert status == 200 and popped["message"] == {"job": 1}
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        if call(c, 0, "POST", "/dequeue")[1]["message"] is None:
+            break
+    else:
+        raise AssertionError("/dequeue kept returning messages")
+
+
+def test_partitions_are_redis_streams_on_every_replica(c: LocalCluster) -> None:
+    q = new_queue(c, partitions=1)
+    status, sent = call(c, 0, "POST", f"/v1/queues/{q}/messages", {"body": {"hi": 1}, "key": "k"})
+    assert status == 201
+    for node in c.nodes:
+        r = redis.Redis(port=node.port + REDIS_PORT_OFFSET, decode_responses=True)
+        try:
+            entries = r.xrange(f"dsync:q:{q}:0")
+            assert [(e[1]["id"], e[1]["key"], e[1]["body"]) for e in entries] == [
+                (sent["id"], "k", '{"hi":1}')
+            ], node.node_id
+            assert r.hget(f"dsync:q:{q}:0:meta", "end") == "1"
+        finally:
+            r.close()
+
+
+def test_queue_metrics_are_exported(c: LocalCluster) -> None:
+    q = new_queue(c, partitions=1)
+    call(c, 0, "POST", f"/v1/queues/{q}/messages", {"body": 1})
+    text = urllib.request.urlopen(c.nodes[0].url + "/metrics", timeout=5).read().decode()
+    status, info = call(c, 0, "GET", f"/v1/queues/{q}")
+    owner = info["partitions"][0]["owner"]
+    owner_text = urllib.request.urlopen(
+        c.nodes[int(owner[-1]) - 1].url + "/metrics", timeout=5
+    ).read().decode()
+    assert "dsync_queue_published_total" in owner_text
+    assert "dsync_queue_publish_seconds_bucket" in owner_text
+    assert "dsync_http_request_seconds" in text
