@@ -232,7 +232,7 @@ def test_queue_metrics_are_exported(c: LocalCluster) -> None:
     q = new_queue(c, partitions=1)
     call(c, 0, "POST", f"/v1/queues/{q}/messages", {"body": 1})
     text = urllib.request.urlopen(c.nodes[0].url + "/metrics", timeout=5).read().decode()
-    status, info = call(c, 0, "GET", f"/v1/queues/{q}")
+    _, info = call(c, 0, "GET", f"/v1/queues/{q}")
     owner = info["partitions"][0]["owner"]
     owner_text = urllib.request.urlopen(
         c.nodes[int(owner[-1]) - 1].url + "/metrics", timeout=5
