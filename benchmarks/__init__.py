@@ -1,0 +1,1 @@
+"""Load generators and benchmarks (not part of the service package)."""

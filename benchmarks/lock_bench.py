@@ -1,0 +1,355 @@
+"""Lock throughput and latency: closed-loop asyncio clients doing acquire+release cycles.
+
+    python benchmarks/lock_bench.py --nodes 3 --clients 64 --seconds 20 --mode uncontended
+    python benchmarks/lock_bench.py --mode contended --names 4 --wait-ms 10000
+    python benchmarks/lock_bench.py --url http://127.0.0.1:8001,http://127.0.0.1:8002,...
+
+Without --url it starts its own local cluster (service.cluster.LocalCluster, real node
+processes with their own redis-server, on a free base port on 127.0.0.1, data in a
+temporary directory) and stops it afterwards. Clients are spread over all nodes (client i
+talks to node i mod N), one aiohttp ClientSession per node with a connection pool sized to
+the clients on it.
+
+- uncontended: every client has its own lock name; try-lock (wait_ms 0).
+- contended:   all clients share --names names and wait for them (wait_ms); the acquire
+               latency then includes the time spent queued.
+
+Prints cycles/s (a cycle is an acquire and its release, both answered 200), acquire and
+release latency percentiles, and error counts by code. Only operations that finish inside
+the measured window (after --warmup) are counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REDIS_PORT_OFFSET = 1000  # as service.config: node N's embedded Redis is on PORT+1000
+MAX_CYCLES_PER_CLIENT = 10_000_000
+MAX_SECONDS = 3600.0
+
+
+@dataclass
+class Results:
+    acquire_ms: list[float] = field(default_factory=list)
+    release_ms: list[float] = field(default_factory=list)
+    cycles: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    cycles_per_node: Counter[int] = field(default_factory=Counter)
+
+
+@dataclass
+class Window:
+    start: float
+    end: float
+
+    def __contains__(self, moment: float) -> bool:
+        return self.start <= moment < self.end
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=3, help="size of the cluster to start")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured duration")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured lead-in (s)")
+    parser.add_argument("--mode", choices=["uncontended", "contended"], default="uncontended")
+    parser.add_argument("--names", type=int, default=4, help="lock names when contended")
+    parser.add_argument("--wait-ms", type=int, default=10_000, help="wait_ms when contended")
+    parser.add_argument("--ttl-ms", type=int, default=30_000)
+    parser.add_argument(
+        "--no-request-id",
+        action="store_true",
+        help="send no request_id (skips the server's exactly-once table)",
+    )
+    parser.add_argument(
+        "--url", default=None, help="comma-separated node URLs of a running cluster"
+    )
+    parser.add_argument("--base-port", type=int, default=None, help="default: a free one")
+    parser.add_argument(
+        "--leader-only",
+        action="store_true",
+        help="send every request to the leader (measures what forwarding costs)",
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="per request (s)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.clients <= 4096:
+        parser.error("--clients must be 1 to 4096")
+    if not 0 < args.seconds <= MAX_SECONDS or not 0 <= args.warmup <= 60:
+        parser.error("--seconds must be in (0, 3600] and --warmup in [0, 60]")
+    if not 1 <= args.nodes <= 9:
+        parser.error("--nodes must be 1 to 9")
+    if args.names < 1:
+        parser.error("--names must be at least 1")
+    return args
+
+
+# --- the load ------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, urls: list[str]) -> None:
+        self.args = args
+        self.urls = urls
+        self.results = Results()
+        self.run_id = uuid.uuid4().hex[:8]
+        self.sessions: list[aiohttp.ClientSession] = []
+        self.window = Window(0.0, 0.0)
+        self.stop_at = 0.0
+
+    async def request(
+        self, node: int, method: str, path: str, body: dict[str, Any], timeout: float
+    ) -> tuple[int, dict[str, Any], float]:
+        """(status, JSON body, seconds); status 0 when there was no answer."""
+        started = time.perf_counter()
+        try:
+            async with self.sessions[node].request(
+                method, path, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
+                raw = await response.read()
+                status = response.status
+        except TimeoutError:
+            return 0, {"error": {"code": "timeout"}}, time.perf_counter() - started
+        except (aiohttp.ClientError, OSError) as exc:
+            code = f"connection ({type(exc).__name__})"
+            return 0, {"error": {"code": code}}, time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        try:
+            parsed = json.loads(raw) if raw else {}
+        except ValueError:
+            parsed = {}
+        return status, parsed if isinstance(parsed, dict) else {}, elapsed
+
+    def count_error(self, op: str, status: int, body: dict[str, Any]) -> None:
+        if time.monotonic() not in self.window:
+            return
+        error = body.get("error")
+        code = str(error.get("code")) if isinstance(error, dict) else f"http_{status}"
+        self.results.errors[f"{op} {status} {code}" if status else f"{op} {code}"] += 1
+
+    async def client(self, cid: int) -> None:
+        args = self.args
+        node = cid % len(self.urls)
+        rng = random.Random(cid)
+        owner = f"bench-{self.run_id}-c{cid}"
+        own_name = f"bench-{self.run_id}-{cid}"
+        contended = args.mode == "contended"
+        wait_ms = args.wait_ms if contended else 0
+        timeout = args.timeout + wait_ms / 1000
+        for _ in range(MAX_CYCLES_PER_CLIENT):
+            if time.monotonic() >= self.stop_at:
+                return
+            name = (
+                f"bench-{self.run_id}-shared-{rng.randrange(args.names)}" if contended else own_name
+            )
+            body: dict[str, Any] = {
+                "owner": owner,
+                "mode": "exclusive",
+                "ttl_ms": args.ttl_ms,
+                "wait_ms": wait_ms,
+            }
+            if not args.no_request_id:
+                body["request_id"] = uuid.uuid4().hex
+            status, reply, seconds = await self.request(
+                node, "POST", f"/v1/locks/{name}", body, timeout
+            )
+            measured = time.monotonic() in self.window
+            if status != 200:
+                self.count_error("acquire", status, reply)
+                await asyncio.sleep(0.01 if status in (0, 429, 503) else 0.001)
+                continue
+            if measured:
+                self.results.acquire_ms.append(seconds * 1000)
+            release: dict[str, Any] = {"owner": owner, "token": reply.get("token")}
+            if not args.no_request_id:
+                release["request_id"] = uuid.uuid4().hex
+            status, reply, seconds = await self.request(
+                node, "DELETE", f"/v1/locks/{name}", release, args.timeout
+            )
+            if status != 200:
+                self.count_error("release", status, reply)
+                await asyncio.sleep(0.01 if status in (0, 429, 503) else 0.001)
+                continue
+            if time.monotonic() in self.window:
+                self.results.release_ms.append(seconds * 1000)
+                if measured:
+                    self.results.cycles += 1
+                    self.results.cycles_per_node[node] += 1
+
+    async def run(self) -> Results:
+        per_node = [0] * len(self.urls)
+        for cid in range(self.args.clients):
+            per_node[cid % len(self.urls)] += 1
+        for url, clients in zip(self.urls, per_node, strict=True):
+            limit = max(1, clients)
+            connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit)
+            self.sessions.append(aiohttp.ClientSession(base_url=url, connector=connector))
+        try:
+            now = time.monotonic()
+            self.window = Window(now + self.args.warmup, now + self.args.warmup + self.args.seconds)
+            self.stop_at = self.window.end
+            tasks = [asyncio.create_task(self.client(c)) for c in range(self.args.clients)]
+            grace = self.args.warmup + self.args.seconds + self.args.timeout * 2 + 10
+            grace += self.args.wait_ms / 1000 if self.args.mode == "contended" else 0
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for session in self.sessions:
+                await session.close()
+        return self.results
+
+
+# --- reporting -----------------------------------------------------------------------
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of values (sorted or not); NaN when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(fraction * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def latency_line(label: str, values: list[float]) -> str:
+    if not values:
+        return f"{label}: no successful requests in the window"
+    return (
+        f"{label}: n={len(values)} p50 {percentile(values, 0.50):.1f} ms, "
+        f"p90 {percentile(values, 0.90):.1f} ms, p99 {percentile(values, 0.99):.1f} ms, "
+        f"max {max(values):.1f} ms"
+    )
+
+
+def report(args: argparse.Namespace, urls: list[str], results: Results) -> None:
+    rate = results.cycles / args.seconds
+    print(f"cycles: {results.cycles} in {args.seconds:g} s = {rate:.1f} cycles/s", flush=True)
+    print(latency_line("acquire", results.acquire_ms))
+    print(latency_line("release", results.release_ms))
+    if results.errors:
+        errors = ", ".join(f"{k}: {v}" for k, v in sorted(results.errors.items()))
+        print(f"errors: {sum(results.errors.values())} ({errors})")
+    else:
+        print("errors: 0")
+    spread = ", ".join(f"{urls[i]} {results.cycles_per_node[i]}" for i in range(len(urls)))
+    print(f"cycles per node: {spread}", flush=True)
+
+
+# --- a local cluster -----------------------------------------------------------------
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_base_port(size: int) -> int:
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20_000, 40_000)
+        ports = [base + i for i in range(size)] + [
+            base + i + REDIS_PORT_OFFSET for i in range(size)
+        ]
+        if all(_port_free(p) for p in ports):
+            return base
+    raise RuntimeError("no free port range found on 127.0.0.1")
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int, base_port: int | None) -> Iterator[list[str]]:
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
+    from service.cluster import LocalCluster
+
+    data_root = Path(tempfile.mkdtemp(prefix="dsync-bench-"))
+    cluster = LocalCluster(
+        size=nodes,
+        base_port=base_port if base_port is not None else free_base_port(nodes),
+        data_root=data_root,
+        log_to_files=True,
+        extra_env={"LOG_LEVEL": "WARNING"},
+    )
+    started = time.monotonic()
+    cluster.start()
+    try:
+        leader = cluster.wait_for_leader(timeout=60)
+        print(
+            f"started {nodes} nodes in {time.monotonic() - started:.1f} s "
+            f"(leader {cluster.nodes[leader].node_id}); data in {data_root}",
+            flush=True,
+        )
+        yield [n.url for n in cluster.nodes]
+    finally:
+        cluster.stop(timeout=10)
+        for i in range(cluster.size):
+            with contextlib.suppress(Exception):
+                cluster.kill(i)
+        shutil.rmtree(data_root, ignore_errors=True)
+
+
+def find_leader(urls: list[str]) -> str | None:
+    """The URL of the node whose GET /health says it leads."""
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                health = json.loads(response.read())
+        except (OSError, ValueError):
+            continue
+        if isinstance(health, dict) and health.get("role") == "leader":
+            return url
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        if args.url:
+            urls = [u.strip().rstrip("/") for u in args.url.split(",") if u.strip()]
+        else:
+            urls = stack.enter_context(local_cluster(args.nodes, args.base_port))
+        if args.leader_only:
+            leader = find_leader(urls)
+            if leader is None:
+                print("no node reports itself leader", file=sys.stderr)
+                return 1
+            urls = [leader]
+        extra = f", {args.names} names, wait_ms {args.wait_ms}" if args.mode == "contended" else ""
+        print(
+            f"lock_bench: mode {args.mode}{extra}, {args.clients} clients over "
+            f"{len(urls)} nodes, {args.seconds:g} s measured after {args.warmup:g} s warmup, "
+            f"request ids {'off' if args.no_request_id else 'on'}"
+            + (", leader only" if args.leader_only else ""),
+            flush=True,
+        )
+        results = asyncio.run(Bench(args, urls).run())
+        report(args, urls, results)
+    return 0 if results.cycles > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Locust scenarios for the lock API.
+
+    locust -f benchmarks/locustfile.py --host http://127.0.0.1:8001
+    locust -f benchmarks/locustfile.py --headless -u 64 -r 16 -t 30s \\
+        --host http://127.0.0.1:8001,http://127.0.0.1:8002,http://127.0.0.1:8003
+
+--host may list several node URLs, comma-separated (or set DSYNC_HOSTS the same way):
+each simulated user sticks to one of them, round-robin, so the load is spread over all
+nodes (every node serves every endpoint; followers forward to the leader).
+
+- LockUser (weight 4): acquire/release cycles on /v1/locks with request ids and fencing
+  tokens: mostly on a lock of its own, sometimes on a few shared names with wait_ms, and
+  an occasional linearizable read of a lock.
+- SeedScenarioUser (weight 1): the course prototype's endpoints, POST /lock {"resource",
+  "owner"}, POST /unlock, GET /locks and GET /health.
+
+Under contention a 409 (lock_held, wait_timeout) is an expected answer, not a failure;
+anything else that is not 2xx (503 no_leader, 429 too_busy, timeouts) is a failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import threading
+import uuid
+from typing import Any
+
+from locust import HttpUser, constant, task
+from locust.clients import ResponseContextManager
+
+SHARED_LOCKS = 4
+SHARED_WAIT_MS = 2_000
+TTL_MS = 30_000
+EXPECTED_CONFLICTS = frozenset({"lock_held", "wait_timeout"})
+
+_assign_lock = threading.Lock()
+_next_host = itertools.count()
+
+
+def _hosts(default: str | None) -> list[str]:
+    raw = os.environ.get("DSYNC_HOSTS") or default or ""
+    return [h.strip().rstrip("/") for h in raw.split(",") if h.strip()]
+
+
+def _error_code(response: ResponseContextManager) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return f"http_{response.status_code}"
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("code"))
+    return f"http_{response.status_code}"
+
+
+class _SpreadUser(HttpUser):
+    """Pins each user to one node of --host (or DSYNC_HOSTS), round-robin."""
+
+    abstract = True
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        hosts = _hosts(self.host)
+        if hosts:
+            with _assign_lock:
+                index = next(_next_host)
+            self.client.base_url = hosts[index % len(hosts)]
+        self.owner = f"{type(self).__name__}-{uuid.uuid4().hex[:12]}"
+
+
+class LockUser(_SpreadUser):
+    weight = 4
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.own_lock = f"locust-{self.owner}"
+
+    def _acquire(self, name: str, wait_ms: int, label: str) -> int | None:
+        body: dict[str, Any] = {
+            "owner": self.owner,
+            "mode": "exclusive",
+            "ttl_ms": TTL_MS,
+            "wait_ms": wait_ms,
+            "request_id": uuid.uuid4().hex,
+        }
+        with self.client.post(
+            f"/v1/locks/{name}", json=body, name=label, catch_response=True
+        ) as response:
+            if response.status_code == 200:
+                token = response.json().get("token")
+                if isinstance(token, int):
+                    response.success()
+                    return token
+                response.failure(f"200 without a token: {response.text[:200]}")
+                return None
+            code = _error_code(response)
+            if response.status_code == 409 and code in EXPECTED_CONFLICTS:
+                response.success()
+            else:
+                response.failure(f"{response.status_code} {code}")
+            return None
+
+    def _release(self, name: str, token: int, label: str) -> None:
+        body = {"owner": self.owner, "token": token, "request_id": uuid.uuid4().hex}
+        with self.client.delete(
+            f"/v1/locks/{name}", json=body, name=label, catch_response=True
+        ) as response:
+            if response.status_code == 200:
+                response.success()
+            else:
+                response.failure(f"{response.status_code} {_error_code(response)}")
+
+    @task(8)
+    def own_lock_cycle(self) -> None:
+        token = self._acquire(self.own_lock, 0, "POST /v1/locks/[own] acquire")
+        if token is not None:
+            self._release(self.own_lock, token, "DELETE /v1/locks/[own] release")
+
+    @task(2)
+    def shared_lock_cycle(self) -> None:
+        name = f"locust-shared-{random.randrange(SHARED_LOCKS)}"
+        token = self._acquire(name, SHARED_WAIT_MS, "POST /v1/locks/[shared] acquire+wait")
+        if token is not None:
+            self._release(name, token, "DELETE /v1/locks/[shared] release")
+
+    @task(1)
+    def read_lock(self) -> None:
+        name = f"locust-shared-{random.randrange(SHARED_LOCKS)}"
+        with self.client.get(
+            f"/v1/locks/{name}", name="GET /v1/locks/[shared]", catch_response=True
+        ) as response:
+            if response.status_code in (200, 404):
+                response.success()
+            else:
+                response.failure(f"{response.status_code} {_error_code(response)}")
+
+
+class SeedScenarioUser(_SpreadUser):
+    weight = 1
+
+    @task(4)
+    def lock_unlock(self) -> None:
+        resource = f"seed-{random.randrange(16)}"
+        body = {"resource": resource, "owner": self.owner}
+        with self.client.post("/lock", json=body, catch_response=True) as response:
+            if response.status_code == 200:
+                response.success()
+            else:
+                code = _error_code(response)
+                if response.status_code == 409 and code in EXPECTED_CONFLICTS:
+                    response.success()
+                else:
+                    response.failure(f"{response.status_code} {code}")
+                return
+        with self.client.post("/unlock", json=body, catch_response=True) as response:
+            if response.status_code == 200:
+                response.success()
+            else:
+                response.failure(f"{response.status_code} {_error_code(response)}")
+
+    @task(1)
+    def list_locks(self) -> None:
+        self.client.get("/locks")
+
+    @task(1)
+    def health(self) -> None:
+        self.client.get("/health")
