@@ -13,7 +13,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from service.config import ConfigError, Settings, add_cli_arguments, load_settings
 from service.logs import setup_logging
@@ -80,9 +80,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(settings.node_id, settings.log_level, settings.log_format)
     try:
-        return asyncio.run(run_node(settings))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(run_node(settings))
     except KeyboardInterrupt:
         return 130
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed: the node spends most of its CPU in socket I/O, which
+    libuv does in C."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

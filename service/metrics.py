@@ -61,6 +61,13 @@ class NodeMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=r,
         )
+        self.raft_state_write_entries = Histogram(
+            "dsync_raft_state_write_hashes",
+            "Hash writes per background applied-state transaction",
+            n,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=r,
+        )
         self.raft_snapshots = Counter(
             "dsync_raft_snapshots_total", "Snapshots taken or installed", [*n, "kind"], registry=r
         )

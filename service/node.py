@@ -37,6 +37,8 @@ from service.transport.http import HttpTransport
 
 log = logging.getLogger("dsync.node")
 
+REDIS_LOADING_TIMEOUT_SECONDS = 120.0
+
 
 class StartupError(Exception):
     """The node cannot start; the message is one line for the operator."""
@@ -116,10 +118,24 @@ class Node:
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=10, socket_connect_timeout=3, health_check_interval=30
         )
-        try:
-            await self.redis.ping()
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise StartupError(f"REDIS_URL: cannot reach Redis at {_redact(url)}: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REDIS_LOADING_TIMEOUT_SECONDS
+        while True:
+            try:
+                await self.redis.ping()
+                return
+            except redis.exceptions.BusyLoadingError:
+                # A Redis restarted with a large AOF answers LOADING until it has read it.
+                if loop.time() >= deadline:
+                    raise StartupError(
+                        f"REDIS_URL: Redis at {_redact(url)} is still loading its data "
+                        f"after {REDIS_LOADING_TIMEOUT_SECONDS:g} s"
+                    ) from None
+                await asyncio.sleep(0.1)
+            except (redis.exceptions.RedisError, OSError) as exc:
+                raise StartupError(
+                    f"REDIS_URL: cannot reach Redis at {_redact(url)}: {exc}"
+                ) from exc
 
     async def _start_http(self, app_factory: Any) -> None:
         app = app_factory(self)

@@ -27,7 +27,7 @@ from service.metrics import NodeMetrics
 from service.raft.core import RaftCore, RaftError, RaftStatus, Role
 from service.raft.messages import EntryKind, Message, Ready, Snapshot
 from service.statemachine import Command
-from service.storage.protocols import RaftStorage, StateStore
+from service.storage.protocols import HashWrite, RaftStorage, StateStore
 
 log = logging.getLogger("dsync.raft")
 
@@ -115,6 +115,9 @@ class RaftRunner:
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._last_role: tuple[Role, int, str | None] = (core.role, core.term, core.leader)
         self.fatal_error: BaseException | None = None
+        # Applied-state writes waiting for the background writer (see _queue_state_write).
+        self._state_batches: list[tuple[list[HashWrite], int]] = []
+        self._state_task: asyncio.Task[None] | None = None
         # When each peer was last heard from (loop time): services use it as liveness.
         self.last_heard: dict[str, float] = {}
         self._publish_status()
@@ -196,6 +199,8 @@ class RaftRunner:
                 await asyncio.wait_for(self._task, 5)
             except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._drain_state_writes(), 5)
         self._fail_everything(RunnerStopped("node stopped"))
 
     async def wait_stopped(self) -> None:
@@ -309,6 +314,8 @@ class RaftRunner:
 
     async def _install_snapshot(self, snapshot: Snapshot) -> None:
         hashes = decode_snapshot_data(snapshot.data)
+        # Older applied-state writes must land first, or they would overwrite the snapshot.
+        await self._drain_state_writes()
         self.machines.load(hashes)
         await self.state.replace_all(self.machines.prefixes, hashes, snapshot.meta.index)
         self.metrics.raft_snapshots.labels(self.core.id, "installed").inc()
@@ -327,8 +334,7 @@ class RaftRunner:
                 else:
                     result = self.machines.apply(entry.index, command)
             outcomes.append((entry.index, command, result))
-        last = rd.committed[-1].index
-        await self.state.apply(self.machines.take_writes(), last)
+        self._queue_state_write(self.machines.take_writes(), rd.committed[-1].index)
         now = time.monotonic()
         for (index, command, result), entry in zip(outcomes, rd.committed, strict=True):
             proposal = self._pending.pop(index, None)
@@ -343,6 +349,48 @@ class RaftRunner:
             if command is not None:
                 for listener in self._apply_listeners:
                     listener(index, command, result)
+
+    def _queue_state_write(self, writes: list[HashWrite], applied: int) -> None:
+        """Materialise applied state in Redis off the critical path.
+
+        Clients are answered once an entry is committed (durable in a majority's logs)
+        and applied in memory; the hashes and the applied index follow in the background,
+        in order, batched, and always together in one transaction. A crash in between
+        loses nothing: the restarted node loads the older state with its older applied
+        index and re-applies the committed entries after it from its log (or the
+        snapshot, if the log was compacted meanwhile).
+        """
+        self._state_batches.append((writes, applied))
+        if self._state_task is None or self._state_task.done():
+            self._state_task = asyncio.create_task(self._write_state())
+
+    async def _write_state(self) -> None:
+        while self._state_batches:
+            batches, self._state_batches = self._state_batches, []
+            writes = [w for batch, _ in batches for w in batch]
+            applied = batches[-1][1]
+            try:
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(self.retryable_errors),
+                    wait=wait_exponential(multiplier=0.05, max=1.0),
+                    stop=stop_after_delay(self.storage_retry_seconds),
+                    reraise=True,
+                ):
+                    with attempt:
+                        await self.state.apply(writes, applied)
+            except Exception as exc:
+                self.fatal_error = exc
+                log.critical("applied state could not be written; node stops", exc_info=exc,
+                             extra={"error": str(exc)})
+                self._fail_everything(RunnerStopped(f"state write failed: {exc}"))
+                self._stopping = True
+                self._wake.set()
+                return
+            self.metrics.raft_state_write_entries.labels(self.core.id).observe(len(writes))
+
+    async def _drain_state_writes(self) -> None:
+        while self._state_task is not None and not self._state_task.done():
+            await asyncio.shield(self._state_task)
 
     def _after_advance(self) -> None:
         applied = self.core.applied

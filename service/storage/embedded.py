@@ -16,9 +16,10 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis.exceptions
 from redis.asyncio import Redis
@@ -231,14 +232,16 @@ class EmbeddedRedis:
                 if proc.poll() is not None:
                     raise self._exit_error(proc.returncode)
                 try:
-                    info = await client.info("server")
+                    info = await client.info()
                 except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-                    pass  # not listening yet, or still loading the AOF
+                    pass  # not listening yet
                 else:
                     # Someone else may have taken the port between our check and the bind.
                     if info.get("process_id") != proc.pid:
                         raise PortInUseError(f"{HOST}:{self.port} is answered by another server")
-                    return str(info.get("redis_version", "?"))
+                    version = ready_version(info)
+                    if version is not None:
+                        return version
                 if loop.time() >= deadline:
                     raise RedisStartError(
                         f"redis-server did not answer within {self._start_timeout:g}s; "
@@ -302,3 +305,12 @@ def _last_line(path: Path) -> str:
     except OSError:
         return "no log"
     return next((line.strip() for line in reversed(lines) if line.strip()), "empty log")
+
+
+def ready_version(info: Mapping[str, Any]) -> str | None:
+    """The server's version once it serves commands, None while it is still loading its
+    AOF: INFO answers during loading, but every data command fails with LOADING until it
+    is done, so a node that started then would die on its first read."""
+    if str(info.get("loading", "0")) not in ("0", "False"):
+        return None
+    return str(info.get("redis_version", "?"))

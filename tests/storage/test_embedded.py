@@ -280,3 +280,13 @@ def test_redis_dies_with_a_kill_9ed_node(tmp_path: Path) -> None:
     finally:
         node.kill()
         node.wait()
+
+
+def test_a_server_still_loading_its_aof_is_not_ready() -> None:
+    # Regression: INFO answers while the AOF loads, but PING and every data command fail
+    # with LOADING; a node restarted after kill -9 with a large AOF died on startup.
+    from service.storage.embedded import ready_version
+
+    assert ready_version({"loading": 1, "redis_version": "6.2.14"}) is None
+    assert ready_version({"loading": "1", "redis_version": "6.2.14"}) is None
+    assert ready_version({"loading": 0, "redis_version": "6.2.14"}) == "6.2.14"
