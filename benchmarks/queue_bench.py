@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
-from benchmarks.lock_bench import Window, latency_line, local_cluster  # noqa: E402
+from benchmarks.common import Window, latency_line, local_cluster_handle  # noqa: E402
 
 MAX_REQUESTS_PER_CLIENT = 10_000_000
 
@@ -215,7 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.url:
             urls = [u.strip().rstrip("/") for u in args.url.split(",") if u.strip()]
         else:
-            urls = stack.enter_context(local_cluster(args.nodes, args.base_port, cluster_box))
+            cluster = stack.enter_context(local_cluster_handle(args.nodes, args.base_port))
+            cluster_box.append(cluster)
+            urls = [n.url for n in cluster.nodes]
         print(f"queue_bench: {args.producers} producers, {args.consumers} consumers over "
               f"{len(urls)} nodes, batch {args.batch}, {args.partitions} partitions, "
               f"{args.seconds:g} s after {args.warmup:g} s warmup", flush=True)

@@ -355,9 +355,14 @@ async def _replicate(q: QueueService, sender: str, body: dict[str, Any]) -> Any:
 
 @_internal("publish")
 async def _publish(q: QueueService, sender: str, body: dict[str, Any]) -> Any:
-    items = [(str(i), k, str(b)) for i, k, b in body["items"]]
-    results = await q.publish_local(str(body["queue"]), int(body["partition"]), items)
-    return [[r.offset, r.id, r.duplicate] for r in results]
+    queue = str(body["queue"])
+
+    async def local(partition: int, items: Any) -> Any:
+        results = await q.publish_local(queue, partition,
+                                        [(str(i), k, str(b)) for i, k, b in items])
+        return [[r.offset, r.id, r.duplicate] for r in results]
+
+    return await q.serve_parts(list(body["parts"]), local)
 
 
 @_internal("consume")
@@ -369,10 +374,14 @@ async def _consume(q: QueueService, sender: str, body: dict[str, Any]) -> Any:
 
 @_internal("settle")
 async def _settle(q: QueueService, sender: str, body: dict[str, Any]) -> Any:
-    items = [(int(p), int(o), int(c)) for p, o, c in body["items"]]
+    queue, group = str(body["queue"]), str(body["group"])
     delay = body.get("delay_ms")
-    return q.settle_local(str(body["queue"]), str(body["group"]), items,
-                          None if delay is None else int(delay))
+
+    async def local(partition: int, items: Any) -> Any:
+        receipts = [(int(p), int(o), int(c)) for p, o, c in items]
+        return q.settle_local(queue, group, receipts, None if delay is None else int(delay))
+
+    return await q.serve_parts(list(body["parts"]), local)
 
 
 @_internal("propose")

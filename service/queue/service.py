@@ -36,7 +36,7 @@ from service.placement import assign, partition_for
 from service.queue.meta import PartitionMeta, QueueMeta, QueueMetaMachine, QueueOptions
 from service.queue.ops import Ack, Dead, Nack, OpDecodeError
 from service.queue.partition import PartitionState, PublishResult
-from service.queue.replica import NotPartitionLeader, PartitionReplica
+from service.queue.replica import GroupFlusher, NotPartitionLeader, PartitionReplica
 from service.queue.store import PartitionStore, Position
 from service.raft.core import RaftError, Role
 from service.raft.runner import RaftRunner
@@ -124,6 +124,7 @@ class QueueService:
         self._leader_since = 0.0
         self._stopping = False
         self._rng = random.Random()
+        self._group_flusher: GroupFlusher | None = None
 
     # --- wiring ------------------------------------------------------------------------
 
@@ -191,10 +192,17 @@ class QueueService:
 
     async def _load(self, queue: str, partition: int) -> PartitionReplica:
         state, position = await self.store.load(queue, partition)
-        replica = PartitionReplica(self.node_id, queue, partition, state, position, self.store)
+        replica = PartitionReplica(
+            self.node_id, queue, partition, state, position, self.store, self._flusher()
+        )
         replica.on_ops = self._ops_ready
         self.replicas[(queue, partition)] = replica
         return replica
+
+    def _flusher(self) -> GroupFlusher:
+        if self._group_flusher is None or self._group_flusher.store is not self.store:
+            self._group_flusher = GroupFlusher(self.store)
+        return self._group_flusher
 
     async def _reconciler(self) -> None:
         while not self._stopping:
@@ -368,59 +376,98 @@ class QueueService:
             routed.setdefault(self.next_partition(meta, placed_by), []).append(
                 (position, (mid, key, body))
             )
+        work = {p: [item for _, item in batch] for p, batch in routed.items()}
+
+        async def local(partition: int, items: Any) -> Any:
+            results = await self.publish_local(queue, partition, items)
+            return [[r.offset, r.id, r.duplicate] for r in results]
+
+        done = await self.route(queue, work, local, "publish", {"queue": queue})
         out: list[tuple[int, PublishResult] | None] = [None] * len(messages)
-
-        async def one_partition(partition: int, batch: list[tuple[int, Any]]) -> None:
-            items = [item for _, item in batch]
-            results = await self._on_partition_leader(
-                queue, partition,
-                lambda: self.publish_local(queue, partition, items),
-                "publish", {"queue": queue, "partition": partition, "items": items},
-            )
-            for (pos, _), result in zip(batch, results, strict=True):
-                out[pos] = (partition, (
-                    result if isinstance(result, PublishResult)
-                    else PublishResult(int(result[0]), str(result[1]), bool(result[2]))
-                ))
-
-        await asyncio.gather(*(one_partition(p, b) for p, b in sorted(routed.items())))
+        for partition, batch in routed.items():
+            for (pos, _), raw in zip(batch, done[partition], strict=True):
+                out[pos] = (partition, PublishResult(int(raw[0]), str(raw[1]), bool(raw[2])))
         return [item for item in out if item is not None]
 
-    async def _on_partition_leader(
+    async def route(
         self,
         queue: str,
-        partition: int,
-        local: Callable[[], Awaitable[Any]],
+        work: dict[int, Any],
+        local: Callable[[int, Any], Awaitable[Any]],
         rpc: str,
-        body: dict[str, Any],
-    ) -> Any:
-        """Run `local` if this node leads the partition, else ask the leader; while the
-        leadership moves (leader dead or just replaced) retry until a deadline."""
+        extra: dict[str, Any],
+    ) -> dict[int, Any]:
+        """Run work[p] on the leader of each partition p: here through `local`, elsewhere
+        in one `rpc` per leader node carrying all its partitions. While leadership moves
+        (a leader died, or was just replaced) the rest is retried until a deadline."""
+        results: dict[int, Any] = {}
         deadline = time.monotonic() + PUBLISH_TIMEOUT_SECONDS
         last = "no leader"
         while True:
             meta = self.meta.get(queue)
             if meta is None:
                 raise QueueError(404, "not_found", f"no queue {queue!r}")
-            leader = meta.partitions[partition].leader
-            try:
-                if leader == self.node_id:
-                    return await local()
-                status, reply = await self._rpc(leader, rpc, body)
-                if status == 200:
-                    return reply
-                if status != 409:  # 409: not the leader (any more)
+            groups: dict[str, list[int]] = {}
+            for partition in sorted(work):
+                if partition not in results:
+                    groups.setdefault(meta.partitions[partition].leader, []).append(partition)
+
+            async def run_local(partition: int) -> None:
+                nonlocal last
+                try:
+                    results[partition] = await local(partition, work[partition])
+                except NotPartitionLeader:
+                    last = f"leadership of {queue}/{partition} is moving"
+
+            async def run_remote(leader: str, parts: list[int]) -> None:
+                nonlocal last
+                body = {**extra, "parts": [[p, work[p]] for p in parts]}
+                try:
+                    status, reply = await self._rpc(leader, rpc, body)
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    last = f"{leader} unreachable: {exc!r}"
+                    return
+                if status != 200 or not isinstance(reply, list):
                     error = reply.get("error", {}) if isinstance(reply, dict) else {}
                     raise QueueError(status, str(error.get("code", "unavailable")),
                                      str(error.get("message", f"{leader} answered {status}")))
-                last = f"{leader} does not lead {queue}/{partition}"
-            except NotPartitionLeader:
-                last = f"leadership of {queue}/{partition} is moving"
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                last = f"{leader} unreachable: {exc!r}"
+                for partition, answer in zip(parts, reply, strict=False):
+                    if answer.get("ok"):
+                        results[partition] = answer["result"]
+                    elif answer.get("code") == "not_leader":
+                        last = f"{leader} does not lead {queue}/{partition}"
+                    else:
+                        raise QueueError(int(answer.get("status", 503)),
+                                         str(answer.get("code")), str(answer.get("message")))
+
+            jobs: list[Awaitable[None]] = []
+            for leader, parts in groups.items():
+                if leader == self.node_id:
+                    jobs.extend(run_local(p) for p in parts)
+                else:
+                    jobs.append(run_remote(leader, parts))
+            await asyncio.gather(*jobs)
+            if len(results) == len(work):
+                return results
             if time.monotonic() >= deadline:
                 raise QueueError(503, "unavailable", f"{last}; retry shortly")
             await asyncio.sleep(0.05)
+
+    async def serve_parts(
+        self, parts: list[Any], local: Callable[[int, Any], Awaitable[Any]]
+    ) -> list[dict[str, Any]]:
+        """The other side of `route`: one answer per partition, in order."""
+
+        async def one(partition: int, payload: Any) -> dict[str, Any]:
+            try:
+                return {"ok": True, "result": await local(partition, payload)}
+            except NotPartitionLeader as exc:
+                return {"ok": False, "status": 409, "code": "not_leader", "message": str(exc)}
+            except QueueError as exc:
+                return {"ok": False, "status": exc.status, "code": exc.code,
+                        "message": exc.message}
+
+        return list(await asyncio.gather(*(one(int(p), payload) for p, payload in parts)))
 
     # --- consume -----------------------------------------------------------------------
 
@@ -468,9 +515,11 @@ class QueueService:
         deadline = loop.time() + wait_ms / 1000
         while True:
             out = self.consume_local(queue, group, consumer, max_messages, visibility_ms)
-            if len(out) < max_messages:
-                out += await self._consume_remote(
-                    meta, group, consumer, max_messages - len(out), visibility_ms
+            if not out:
+                # Other nodes' partitions only when ours have nothing: consumers spread
+                # over the nodes each drain their own node's partitions with no extra hop.
+                out = await self._consume_remote(
+                    meta, group, consumer, max_messages, visibility_ms
                 )
             remaining = deadline - loop.time()
             if out or remaining <= 0:
@@ -558,28 +607,21 @@ class QueueService:
                 raise QueueError(400, "bad_receipt",
                                  f"receipt names partition {partition}; the queue has "
                                  f"{meta.options.partitions}")
-        statuses = ["not_pending"] * len(receipts)
         by_partition: dict[int, list[int]] = {}
         for pos, (partition, _, _) in enumerate(receipts):
             by_partition.setdefault(partition, []).append(pos)
+        work = {p: [list(receipts[i]) for i in ps] for p, ps in by_partition.items()}
 
-        async def one(partition: int, positions: list[int]) -> None:
-            items = [receipts[i] for i in positions]
-            result = await self._on_partition_leader(
-                queue, partition,
-                lambda: self._settle_async(queue, group, items, delay_ms),
-                "settle", {"queue": queue, "group": group, "items": items, "delay_ms": delay_ms},
-            )
-            for pos, status in zip(positions, result, strict=True):
+        async def local(partition: int, items: Any) -> Any:
+            return self.settle_local(queue, group, [tuple(i) for i in items], delay_ms)
+
+        done = await self.route(queue, work, local, "settle",
+                                {"queue": queue, "group": group, "delay_ms": delay_ms})
+        statuses = ["not_pending"] * len(receipts)
+        for partition, positions in by_partition.items():
+            for pos, status in zip(positions, done[partition], strict=True):
                 statuses[pos] = str(status)
-
-        await asyncio.gather(*(one(p, ps) for p, ps in sorted(by_partition.items())))
         return statuses
-
-    async def _settle_async(
-        self, queue: str, group: str, items: list[tuple[int, int, int]], delay_ms: int | None
-    ) -> list[str]:
-        return self.settle_local(queue, group, items, delay_ms)
 
     # --- inspection --------------------------------------------------------------------
 

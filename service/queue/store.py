@@ -17,11 +17,12 @@ when the reply arrives, so a replica acknowledges only what survives kill -9.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
 from service.queue.partition import (
@@ -59,6 +60,10 @@ class PartitionStore(Protocol):
         """Persist one batch of applied ops atomically with the new position."""
         ...
 
+    async def save_many(self, batch: Sequence[SaveItem]) -> None:
+        """Several partitions' saves in one atomic transaction."""
+        ...
+
     async def replace(self, queue: str, partition: int, state: PartitionState,
                       position: Position) -> None:
         """Replace the partition wholesale (a full state transfer)."""
@@ -69,6 +74,10 @@ class PartitionStore(Protocol):
     async def stored(self) -> list[tuple[str, int]]:
         """Every (queue, partition) this node holds."""
         ...
+
+
+# (queue, partition, writes, position, state)
+SaveItem = tuple[str, int, Writes, Position, PartitionState]
 
 
 def base_key(queue: str, partition: int) -> str:
@@ -87,6 +96,10 @@ class MemoryPartitionStore:
     async def save(self, queue: str, partition: int, writes: Writes, position: Position,
                    state: PartitionState) -> None:
         self.data[(queue, partition)] = (state.export(), position)
+
+    async def save_many(self, batch: Sequence[SaveItem]) -> None:
+        for queue, partition, writes, position, state in batch:
+            await self.save(queue, partition, writes, position, state)
 
     async def replace(self, queue: str, partition: int, state: PartitionState,
                       position: Position) -> None:
@@ -111,11 +124,29 @@ class RedisPartitionStore:
 
     async def save(self, queue: str, partition: int, writes: Writes, position: Position,
                    state: PartitionState) -> None:
-        base = base_key(queue, partition)
+        await self.save_many([(queue, partition, writes, position, state)])
+
+    async def save_many(self, batch: Sequence[SaveItem]) -> None:
+        # Indexes (in the transaction) of the message XADDs: see below.
+        xadds: set[int] = set()
         async with self._redis.pipeline(transaction=True) as pipe:
-            _queue_writes(pipe, base, writes)
-            pipe.hset(base + ":meta", mapping=_meta_fields(position, state))
-            await pipe.execute()
+            for queue, partition, writes, position, state in batch:
+                first = len(pipe.command_stack)
+                xadds.update(range(first, first + len(writes.messages)))
+                _queue_writes(pipe, base_key(queue, partition), writes)
+                pipe.hset(base_key(queue, partition) + ":meta",
+                          mapping=_meta_fields(position, state))
+            results = await pipe.execute(raise_on_error=False)
+        # A save may run twice: redis-py resends a transaction whose reply was lost, and
+        # the replica retries a failed save with the same writes. EXEC runs every command
+        # even when one fails, and all but the message XADDs are idempotent (dead letters
+        # repeated are dropped on load), so a message already stored is the only error
+        # that is no error; anything else is raised.
+        for index, result in enumerate(results):
+            if isinstance(result, Exception) and not (
+                index in xadds and _already_stored(result)
+            ):
+                raise result
 
     async def replace(self, queue: str, partition: int, state: PartitionState,
                       position: Position) -> None:
@@ -146,7 +177,8 @@ class RedisPartitionStore:
             return state, Position()
         state.end = int(meta.get("end", "0"))
         state.trimmed = int(meta.get("trimmed", "0"))
-        for entry_id, fields in _entries(await self._redis.xrange(base, "-", "+")):
+        first = f"{state.trimmed + 1}-0"  # earlier entries may outlive an approximate trim
+        for entry_id, fields in _entries(await self._redis.xrange(base, first, "+")):
             f = _text(fields)
             offset = int(_s(entry_id).split("-", 1)[0])
             state.messages[offset] = Message(offset, f["id"], f.get("key"), f["body"])
@@ -164,11 +196,14 @@ class RedisPartitionStore:
                     g.waiting.add(int(fname[2:]))
             state.groups[name] = g
         dead = await self._redis.xrevrange(base + ":dead", "+", "-", count=MAX_DEAD_KEPT)
-        for _, fields in _entries(dead):
+        # A message dies at most once per group: a second entry is a repeated save's.
+        seen: set[tuple[str, int]] = set()
+        for _, fields in reversed(_entries(dead)):
             f = _text(fields)
             message = Message(int(f["offset"]), f["id"], f.get("key"), f["body"])
-            state.dead.append(DeadLetter(f["group"], int(f["count"]), message))
-        state.dead.reverse()
+            if (f["group"], message.offset) not in seen:
+                seen.add((f["group"], message.offset))
+                state.dead.append(DeadLetter(f["group"], int(f["count"]), message))
         position = Position(
             int(meta.get("epoch", "0")), int(meta.get("seq", "0")),
             int(meta.get("stamp", "0")),
@@ -193,7 +228,9 @@ def _queue_writes(pipe: object, base: str, writes: Writes) -> None:
             fields["key"] = m.key
         p.xadd(base, fields, id=f"{m.offset}-0")  # type: ignore[attr-defined]
     if writes.trim_upto is not None:
-        p.xtrim(base, minid=f"{writes.trim_upto + 1}-0")  # type: ignore[attr-defined]
+        # Exact (not `~`): an approximate trim drops only whole stream nodes, leaving
+        # trimmed messages that a load would bring back.
+        p.xtrim(base, minid=f"{writes.trim_upto + 1}-0", approximate=False)  # type: ignore[attr-defined]
     for letter in writes.dead:
         m = letter.message
         dead = {"group": letter.group, "count": str(letter.count), "offset": str(m.offset),
@@ -220,6 +257,11 @@ def _queue_writes(pipe: object, base: str, writes: Writes) -> None:
         p.hdel(base + ":ids", *id_dels)  # type: ignore[attr-defined]
     if id_sets:
         p.hset(base + ":ids", mapping=id_sets)  # type: ignore[attr-defined]
+
+
+def _already_stored(error: Exception) -> bool:
+    """An XADD refused because the stream already holds that offset (or a later one)."""
+    return isinstance(error, ResponseError) and "equal or smaller" in str(error)
 
 
 def _meta_fields(position: Position, state: PartitionState) -> dict[FieldT, EncodableT]:

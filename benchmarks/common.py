@@ -1,0 +1,116 @@
+"""What the benchmarks share: a local cluster to measure, time windows, percentiles.
+
+Benchmarks only ever target 127.0.0.1: the cluster they start themselves, or the URLs a
+user passes of a cluster on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
+
+if TYPE_CHECKING:
+    from service.cluster import LocalCluster
+
+REDIS_PORT_OFFSET = 1000  # as service.config: node N's embedded Redis is on PORT+1000
+
+
+@dataclass
+class Window:
+    start: float
+    end: float
+
+    def __contains__(self, moment: float) -> bool:
+        return self.start <= moment < self.end
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of values (sorted or not); NaN when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(fraction * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def latency_line(label: str, values: list[float]) -> str:
+    if not values:
+        return f"{label}: no successful requests in the window"
+    return (
+        f"{label}: n={len(values)} p50 {percentile(values, 0.50):.1f} ms, "
+        f"p90 {percentile(values, 0.90):.1f} ms, p99 {percentile(values, 0.99):.1f} ms, "
+        f"max {max(values):.1f} ms"
+    )
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_base_port(size: int) -> int:
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20_000, 40_000)
+        ports = [base + i for i in range(size)] + [
+            base + i + REDIS_PORT_OFFSET for i in range(size)
+        ]
+        if all(_port_free(p) for p in ports):
+            return base
+    raise RuntimeError("no free port range found on 127.0.0.1")
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int, base_port: int | None) -> Iterator[list[str]]:
+    """A fresh local cluster for the benchmark; yields its node URLs."""
+    with local_cluster_handle(nodes, base_port) as cluster:
+        yield [n.url for n in cluster.nodes]
+
+
+@contextlib.contextmanager
+def local_cluster_handle(nodes: int, base_port: int | None) -> Iterator[LocalCluster]:
+    """The same, yielding the LocalCluster itself (for benchmarks that kill nodes)."""
+    from service.cluster import LocalCluster
+
+    data_root = Path(tempfile.mkdtemp(prefix="dsync-bench-"))
+    cluster = LocalCluster(
+        size=nodes,
+        base_port=base_port if base_port is not None else free_base_port(nodes),
+        data_root=data_root,
+        log_to_files=True,
+        extra_env={"LOG_LEVEL": "WARNING"},
+    )
+    started = time.monotonic()
+    cluster.start()
+    try:
+        leader = cluster.wait_for_leader(timeout=60)
+        print(
+            f"started {nodes} nodes in {time.monotonic() - started:.1f} s "
+            f"(leader {cluster.nodes[leader].node_id}); data in {data_root}",
+            flush=True,
+        )
+        yield cluster
+    finally:
+        cluster.stop(timeout=10)
+        for i in range(cluster.size):
+            with contextlib.suppress(Exception):
+                cluster.kill(i)
+        shutil.rmtree(data_root, ignore_errors=True)
