@@ -1,4 +1,4 @@
-"""Locust scenarios for the lock API.
+"""Locust scenarios for the lock and queue APIs.
 
     locust -f benchmarks/locustfile.py --host http://127.0.0.1:8001
     locust -f benchmarks/locustfile.py --headless -u 64 -r 16 -t 30s \\
@@ -11,6 +11,8 @@ nodes (every node serves every endpoint; followers forward to the leader).
 - LockUser (weight 4): acquire/release cycles on /v1/locks with request ids and fencing
   tokens: mostly on a lock of its own, sometimes on a few shared names with wait_ms, and
   an occasional linearizable read of a lock.
+- QueueUser (weight 2): publish with ids (half keyed), consume with long poll and ack,
+  and the prototype's /enqueue + /dequeue.
 - SeedScenarioUser (weight 1): the course prototype's endpoints, POST /lock {"resource",
   "owner"}, POST /unlock, GET /locks and GET /health.
 
@@ -167,3 +169,43 @@ class SeedScenarioUser(_SpreadUser):
     @task(1)
     def health(self) -> None:
         self.client.get("/health")
+
+
+class QueueUser(_SpreadUser):
+    """Publishes uniquely-id'd messages and consumes+acks them on one shared queue, plus
+    the prototype's /enqueue and /dequeue now and then."""
+
+    weight = 2
+    queue = "locust"
+
+    @task(4)
+    def publish(self) -> None:
+        body = {"body": {"from": self.owner}, "id": uuid.uuid4().hex}
+        if random.random() < 0.5:
+            body["key"] = f"k{random.randrange(64)}"
+        with self.client.post(f"/v1/queues/{self.queue}/messages", json=body,
+                              name="/v1/queues/[q]/messages", catch_response=True) as response:
+            if response.status_code == 201:
+                response.success()
+            else:
+                response.failure(f"{response.status_code} {_error_code(response)}")
+
+    @task(4)
+    def consume_and_ack(self) -> None:
+        body = {"consumer": self.owner, "max": 10, "wait_ms": 100}
+        with self.client.post(f"/v1/queues/{self.queue}/consume", json=body,
+                              name="/v1/queues/[q]/consume", catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"{response.status_code} {_error_code(response)}")
+                return
+            messages = response.json().get("messages", [])
+            response.success()
+        if messages:
+            receipts = [m["receipt"] for m in messages]
+            self.client.post(f"/v1/queues/{self.queue}/ack", json={"receipts": receipts},
+                             name="/v1/queues/[q]/ack")
+
+    @task(1)
+    def seed_enqueue_dequeue(self) -> None:
+        self.client.post("/enqueue", json={"message": {"from": self.owner}})
+        self.client.post("/dequeue")
