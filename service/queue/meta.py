@@ -103,7 +103,7 @@ class QueueMetaMachine:
                 return self._move(command.args)
             if command.op == "queue.isr":
                 return self._isr(command.args)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             return _error("bad_command", f"{command.op}: {exc!r}")
         return _error("unknown_op", f"unknown queue operation {command.op!r}")
 
@@ -139,10 +139,10 @@ class QueueMetaMachine:
     # --- commands ----------------------------------------------------------------------
 
     def _create(self, args: Mapping[str, Any]) -> Result:
-        name = str(args["queue"])
+        name = _text(args, "queue")
         options = QueueOptions(
-            int(args["partitions"]), int(args["replicas"]), int(args["max_length"]),
-            int(args["delivery_limit"]),
+            _int(args, "partitions", 1), _int(args, "replicas", 1),
+            _int(args, "max_length", 1), _int(args, "delivery_limit", 1),
         )
         existing = self._queues.get(name)
         if existing is not None:
@@ -153,11 +153,11 @@ class QueueMetaMachine:
                 f"queue {name!r} exists with options {existing.options.to_dict()}",
             )
         placement = args["placement"]
-        if len(placement) != options.partitions:
+        if not isinstance(placement, list | tuple) or len(placement) != options.partitions:
             raise ValueError("placement must list one replica set per partition")
         parts = []
         for replicas in placement:
-            nodes = tuple(str(n) for n in replicas)
+            nodes = _nodes(replicas, "a replica set")
             if not nodes:
                 raise ValueError("a partition needs at least one replica")
             parts.append(PartitionMeta(1, nodes[0], nodes, nodes))
@@ -166,11 +166,11 @@ class QueueMetaMachine:
         return {"status": "created", "options": options.to_dict()}
 
     def _partition(self, args: Mapping[str, Any]) -> tuple[QueueMeta, int, PartitionMeta]:
-        name = str(args["queue"])
+        name = _text(args, "queue")
         meta = self._queues.get(name)
         if meta is None:
             raise ValueError(f"no queue {name!r}")
-        index = int(args["partition"])
+        index = _int(args, "partition", 0)
         if not 0 <= index < len(meta.partitions):
             raise ValueError(f"no partition {index}")
         return meta, index, meta.partitions[index]
@@ -184,12 +184,15 @@ class QueueMetaMachine:
     def _move(self, args: Mapping[str, Any]) -> Result:
         """A new leader (and possibly ISR) for a partition, decided at `epoch`."""
         meta, index, part = self._partition(args)
-        if int(args["epoch"]) != part.epoch:
+        epoch = _int(args, "epoch")
+        leader = _text(args, "leader")
+        isr = _nodes(args["isr"], "the ISR") if "isr" in args else part.isr
+        if epoch != part.epoch:
             return {"status": "stale", "epoch": part.epoch}
-        leader = str(args["leader"])
-        isr = tuple(str(n) for n in args.get("isr", part.isr))
         if leader not in part.replicas or leader not in isr:
             return _error("bad_command", f"{leader!r} is not an in-sync replica")
+        if any(n not in part.replicas for n in isr):
+            return _error("bad_command", "the ISR must hold only replicas")
         moved = PartitionMeta(part.epoch + 1, leader, part.replicas, isr)
         self._store(meta, index, moved)
         log.info("partition leader moved",
@@ -200,13 +203,46 @@ class QueueMetaMachine:
     def _isr(self, args: Mapping[str, Any]) -> Result:
         """The partition leader shrinks or grows its in-sync set (same epoch)."""
         meta, index, part = self._partition(args)
-        if int(args["epoch"]) != part.epoch:
+        epoch = _int(args, "epoch")
+        isr = _nodes(args["isr"], "the ISR")
+        if epoch != part.epoch:
             return {"status": "stale", "epoch": part.epoch}
-        isr = tuple(str(n) for n in args["isr"])
         if part.leader not in isr or any(n not in part.replicas for n in isr):
             return _error("bad_command", "the ISR must hold the leader and only replicas")
         self._store(meta, index, replace(part, isr=isr))
         return {"status": "ok", "epoch": part.epoch}
+
+
+# Commands come from the log as msgpack values: check their types rather than convert
+# (int() of a float infinity raises OverflowError; str() of anything "works").
+
+
+def _int(args: Mapping[str, Any], name: str, minimum: int | None = None) -> int:
+    value = args[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name!r} must be an integer, not {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name!r} must be at least {minimum}, not {value}")
+    return value
+
+
+def _text(args: Mapping[str, Any], name: str) -> str:
+    value = args[name]
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name!r} must be a non-empty string, not {value!r}")
+    return value
+
+
+def _nodes(value: Any, what: str) -> tuple[str, ...]:
+    """A list of distinct node ids that the `p:<i>` encoding can hold."""
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{what} must be a list of node ids, not {value!r}")
+    for node in value:
+        if not isinstance(node, str) or not node or "|" in node or "," in node:
+            raise ValueError(f"{what} holds a bad node id {node!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{what} names a node twice: {value!r}")
+    return tuple(value)
 
 
 def _encode(meta: QueueMeta) -> dict[str, str]:

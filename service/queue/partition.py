@@ -317,14 +317,20 @@ class PartitionState:
         if op.offset in g.waiting:
             g.waiting.discard(op.offset)
             self._set(op.group, f"w:{op.offset}", None)
-        if op.offset >= g.next:
-            # Everything skipped on the way waits for its key to free up.
-            for skipped in range(g.next, op.offset):
-                if skipped in self.messages and skipped not in g.pending:
-                    g.waiting.add(skipped)
-                    self._set(op.group, f"w:{skipped}", "1")
-            g.next = op.offset + 1
-            self._set(op.group, "next", str(g.next))
+        self._pass(op.group, g, op.offset)
+
+    def _pass(self, name: str, g: Group, offset: int) -> None:
+        """`offset` was handed to the group (delivered or dead-lettered): move `next` past
+        it. Everything skipped on the way waits for its key to free up, whichever op
+        skipped it; otherwise it would be neither delivered nor counted as undone."""
+        if offset < g.next:
+            return
+        for skipped in range(g.next, offset):
+            if skipped in self.messages and skipped not in g.pending:
+                g.waiting.add(skipped)
+                self._set(name, f"w:{skipped}", "1")
+        g.next = offset + 1
+        self._set(name, "next", str(g.next))
 
     def _ack(self, group: str, offset: int) -> None:
         g = self.groups.get(group)
@@ -349,9 +355,7 @@ class PartitionState:
         if op.offset in g.waiting:
             g.waiting.discard(op.offset)
             self._set(op.group, f"w:{op.offset}", None)
-        if op.offset >= g.next:
-            g.next = op.offset + 1
-            self._set(op.group, "next", str(g.next))
+        self._pass(op.group, g, op.offset)
         if message is not None:
             letter = DeadLetter(op.group, op.count, message)
             self.dead.append(letter)

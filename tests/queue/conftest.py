@@ -1,0 +1,90 @@
+"""Partition stores on memory, fakeredis and a real redis-server (one per session, the
+same `shared_redis` the storage contract uses; each test flushes it)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+
+import fakeredis
+import pytest
+from redis.asyncio import Redis
+
+from service.queue.store import MemoryPartitionStore, PartitionStore, RedisPartitionStore
+from service.storage.embedded import EmbeddedRedis
+from tests.storage.conftest import shared_redis
+
+__all__ = ["StoreBackend", "shared_redis"]
+
+
+@dataclass
+class StoreBackend:
+    name: str
+    store: PartitionStore
+    # Replaces `store` with a fresh object (and connection) over what was stored, as a
+    # restarted node would see it.
+    reopen: Callable[[], Awaitable[None]]
+    connect: Callable[[], Redis] | None = None
+    redis: Redis | None = None
+
+
+async def _noop() -> None:
+    return None
+
+
+@asynccontextmanager
+async def _memory() -> AsyncIterator[StoreBackend]:
+    backend = StoreBackend("memory", MemoryPartitionStore(), _noop)
+
+    async def reopen() -> None:
+        assert isinstance(backend.store, MemoryPartitionStore)
+        backend.store = MemoryPartitionStore(data=backend.store.data)
+
+    backend.reopen = reopen
+    yield backend
+
+
+@asynccontextmanager
+async def _redis(name: str, connect: Callable[[], Redis]) -> AsyncIterator[StoreBackend]:
+    client = connect()
+    await client.flushall()
+    backend = StoreBackend(name, RedisPartitionStore(client), _noop, connect, client)
+
+    async def reopen() -> None:
+        assert backend.redis is not None
+        await backend.redis.aclose()
+        backend.redis = connect()
+        backend.store = RedisPartitionStore(backend.redis)
+
+    backend.reopen = reopen
+    try:
+        yield backend
+    finally:
+        assert backend.redis is not None
+        await backend.redis.aclose()
+
+
+def _open(kind: str, real: EmbeddedRedis) -> AbstractAsyncContextManager[StoreBackend]:
+    if kind == "memory":
+        return _memory()
+    if kind == "fakeredis":
+        server = fakeredis.FakeServer()
+        return _redis(kind, lambda: fakeredis.FakeAsyncRedis(server=server))
+    return _redis(kind, lambda: Redis.from_url(real.url))
+
+
+@pytest.fixture(params=["memory", "fakeredis", "redis"])
+async def store_backend(
+    request: pytest.FixtureRequest, shared_redis: EmbeddedRedis
+) -> AsyncIterator[StoreBackend]:
+    async with _open(request.param, shared_redis) as opened:
+        yield opened
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+async def redis_store_backend(
+    request: pytest.FixtureRequest, shared_redis: EmbeddedRedis
+) -> AsyncIterator[StoreBackend]:
+    async with _open(request.param, shared_redis) as opened:
+        yield opened
