@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.queue.ops import Op, Rebase, decode_op, encode_op
+from service.queue.ops import Op, Publish, Rebase, encode_op
 from service.queue.partition import PartitionState, Writes
 from service.queue.store import PartitionStore, Position
 
@@ -176,16 +176,17 @@ class PartitionReplica:
 
     # --- follower: applying what the leader sent ---------------------------------------
 
-    def apply_replicated(self, epoch: int, ops: Sequence[tuple[int, list[Any]]]) -> None:
-        """Apply (stamp, op) pairs that follow our position directly."""
+    def apply_replicated(self, epoch: int, ops: Sequence[tuple[int, Op]]) -> None:
+        """Apply (stamp, op) pairs that follow our position directly (decoded by the
+        caller first, so a bad op rejects the whole batch before any of it applies)."""
         seq, stamp = self.position.seq, self.position.stamp
-        for op_stamp, raw in ops:
-            self.state.apply(decode_op(raw))
+        for op_stamp, op in ops:
+            self.state.apply(op)
             seq += 1
             stamp = op_stamp
         self.position = Position(epoch, seq, stamp)
         self._schedule_flush()
-        if any(raw and raw[0] == "p" for _, raw in ops):
+        if any(isinstance(op, Publish) for _, op in ops):
             self.new_messages.set()
 
     async def replace_state(self, state: PartitionState, position: Position) -> None:

@@ -34,7 +34,7 @@ from service.clock import now_ms
 from service.metrics import NodeMetrics
 from service.placement import assign, partition_for
 from service.queue.meta import PartitionMeta, QueueMeta, QueueMetaMachine, QueueOptions
-from service.queue.ops import Ack, Dead, Nack, OpDecodeError
+from service.queue.ops import Ack, Dead, Nack, decode_op
 from service.queue.partition import PartitionState, PublishResult
 from service.queue.replica import GroupFlusher, NotPartitionLeader, PartitionReplica
 from service.queue.store import PartitionStore, Position
@@ -58,6 +58,9 @@ DEAD_AFTER_SECONDS = 0.8
 CONTROL_INTERVAL_SECONDS = 0.1
 TRIM_INTERVAL_SECONDS = 1.0
 LONG_POLL_SLICE_SECONDS = 0.1
+HEARTBEAT_SECONDS = 0.2
+# A follower node that answered no replication call for this long leaves the ISR.
+PEER_DOWN_SECONDS = 0.7
 
 
 class QueueError(Exception):
@@ -125,6 +128,8 @@ class QueueService:
         self._stopping = False
         self._rng = random.Random()
         self._group_flusher: GroupFlusher | None = None
+        self._peer_ok: dict[str, float] = {}  # loop time of each peer's last good reply
+        self._started_at = 0.0
 
     # --- wiring ------------------------------------------------------------------------
 
@@ -139,6 +144,7 @@ class QueueService:
             connector=aiohttp.TCPConnector(limit=256, limit_per_host=64),
             timeout=aiohttp.ClientTimeout(total=RPC_TIMEOUT_SECONDS),
         )
+        self._started_at = asyncio.get_running_loop().time()
         for peer in self.peer_urls:
             self._wake[peer] = asyncio.Event()
             self._spawn(self._sender(peer))
@@ -334,7 +340,7 @@ class QueueService:
         meta = self.meta.get(queue)
         assert meta is not None
         cap = math.ceil(meta.options.max_length / meta.options.partitions)
-        new = sum(1 for i, _, _ in items if i not in replica.state.ids)
+        new = len({i for i, _, _ in items if i not in replica.state.ids})
         if new and len(replica.state) + new > cap:
             raise QueueError(
                 429, "queue_full",
@@ -581,10 +587,12 @@ class QueueService:
                 pending = g.pending.get(offset) if g is not None else None
                 if pending is None:
                     continue
+                if pending.count != count:
+                    continue  # a receipt of an earlier delivery: someone else has it now
                 if delay_ms is None:
                     ops.append(Ack(group, offset))
                     statuses[pos] = "acked"
-                elif pending.count == count:
+                else:
                     ops.append(Nack(group, offset, now + delay_ms))
                     statuses[pos] = "nacked"
             if ops:
@@ -714,16 +722,18 @@ class QueueService:
     # --- replication: leader side ------------------------------------------------------
 
     async def _sender(self, peer: str) -> None:
+        """Pushes ops to one follower node, one request in flight at a time (later ops
+        ride in the next request). With nothing to send it still calls every
+        HEARTBEAT_SECONDS: partition leaders learn which followers are reachable, and
+        drop an unreachable one from the ISR before a publish has to wait for it."""
         wake = self._wake[peer]
         backoff = 0.05
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), 0.1)
+                await asyncio.wait_for(wake.wait(), HEARTBEAT_SECONDS)
             wake.clear()
             while not self._stopping:
                 items, more = self._replication_items(peer)
-                if not items:
-                    break
                 try:
                     status, reply = await self._rpc(
                         peer, "replicate", {"items": items}, timeout=REPLICATE_TIMEOUT_SECONDS
@@ -731,12 +741,13 @@ class QueueService:
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     log.debug("replicate to %s failed: %r", peer, exc)
                     await asyncio.sleep(backoff)
-                    backoff = min(1.0, backoff * 2)
+                    backoff = min(HEARTBEAT_SECONDS * 2, backoff * 2)
                     break
                 backoff = 0.05
                 if status != 200 or not isinstance(reply, list):
                     await asyncio.sleep(0.05)
                     break
+                self._peer_ok[peer] = asyncio.get_running_loop().time()
                 self._replication_replies(peer, items, reply)
                 if not more:
                     break
@@ -837,21 +848,26 @@ class QueueService:
         if epoch < replica.position.epoch:
             return {"ok": False, "error": "stale_epoch"}, None
         if "replace" in item:
-            state = PartitionState.from_export(item["replace"])
+            try:
+                state = PartitionState.from_export(item["replace"])
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("bad state transfer", extra={"sender": sender, "error": repr(exc)})
+                return {"ok": False, "error": "bad_item"}, None
             await replica.replace_state(
                 state, Position(epoch, int(item["seq"]), int(item["stamp"]))
             )
             replica.new_messages.set()
             return {"ok": True, "_key": (queue, partition)}, replica
-        prev_seq, prev_stamp = (int(x) for x in item["prev"])
+        try:
+            prev_seq, prev_stamp = (int(x) for x in item["prev"])
+            ops = [(int(stamp), decode_op(op)) for stamp, op in item["ops"]]
+        except (KeyError, TypeError, ValueError) as exc:  # OpDecodeError is a ValueError
+            log.warning("bad replicate item", extra={"sender": sender, "error": repr(exc)})
+            return {"ok": False, "error": "bad_item"}, None
         if (replica.position.seq, replica.position.stamp) != (prev_seq, prev_stamp):
             return {"ok": False, "seq": replica.position.seq,
                     "stamp": replica.position.stamp}, None
-        try:
-            replica.apply_replicated(epoch, [(int(s), list(op)) for s, op in item["ops"]])
-        except OpDecodeError as exc:
-            log.warning("bad op from %s: %s", sender, exc)
-            return {"ok": False, "error": "bad_op"}, None
+        replica.apply_replicated(epoch, ops)
         return {"ok": True, "_key": (queue, partition)}, replica
 
     # --- maintenance: ISR, leader moves, trimming, gauges ------------------------------
@@ -884,13 +900,23 @@ class QueueService:
             for follower in part.replicas:
                 if follower == self.node_id:
                     continue
-                if replica.follower_acked.get(follower, -1) >= replica.position.seq:
+                reachable = (
+                    now - max(self._peer_ok.get(follower, 0.0), self._started_at)
+                    < PEER_DOWN_SECONDS
+                )
+                if reachable and replica.follower_acked.get(follower, -1) >= replica.position.seq:
                     replica.follower_caught_up_at[follower] = now
                 caught_up_at = replica.follower_caught_up_at.get(follower, -math.inf)
-                if follower in part.isr and now - caught_up_at > ISR_LAG_SECONDS:
+                if follower in part.isr and (
+                    not reachable or now - caught_up_at > ISR_LAG_SECONDS
+                ):
                     isr = [n for n in part.isr if n != follower]
                     self._change_isr(queue, partition, part, isr)
-                elif follower not in part.isr and now - caught_up_at < ISR_LAG_SECONDS / 2:
+                elif (
+                    follower not in part.isr
+                    and reachable
+                    and now - caught_up_at < ISR_LAG_SECONDS / 2
+                ):
                     isr = [n for n in part.replicas if n in part.isr or n == follower]
                     self._change_isr(queue, partition, part, isr)
 

@@ -94,6 +94,11 @@ def test_unacked_message_is_redelivered_after_visibility(c: LocalCluster) -> Non
     second = consume(c, 0, q)
     assert [m["delivery_count"] for m in second] == [2]
     assert second[0]["id"] == first[0]["id"] and second[0]["receipt"] != first[0]["receipt"]
+    # The first receipt is stale now: it must not ack the delivery someone else holds.
+    status, stale = call(c, 1, "POST", f"/v1/queues/{q}/ack", {"receipts": [first[0]["receipt"]]})
+    assert (status, stale) == (200, {"acked": 0, "results": ["not_pending"]})
+    status, fresh = call(c, 2, "POST", f"/v1/queues/{q}/ack", {"receipts": [second[0]["receipt"]]})
+    assert (status, fresh) == (200, {"acked": 1, "results": ["acked"]})
 
 
 def test_nack_with_delay_and_dead_letters(c: LocalCluster) -> None:

@@ -1,0 +1,75 @@
+"""The follower side of queue replication, in process: what a replica accepts and refuses.
+
+Regressions: a malformed item raised out of the handler (a 400 for the whole request, so
+every partition in it stalled), and a bad op in the middle of a batch left the ops before
+it applied with the position unchanged, so the resent batch applied them twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.metrics import NodeMetrics
+from service.queue.ops import Publish, encode_op
+from service.queue.service import QueueService
+from service.queue.store import MemoryPartitionStore
+from service.statemachine import Command
+
+
+def follower() -> QueueService:
+    service = QueueService("n2", NodeMetrics("n2"), MemoryPartitionStore())
+    result = service.meta.apply(1, Command("queue.create", {
+        "queue": "q", "partitions": 1, "replicas": 2, "max_length": 100,
+        "delivery_limit": 5, "placement": [["n1", "n2"]],
+    }))
+    assert result["status"] == "created", result
+    return service
+
+
+def item(**fields: Any) -> dict[str, Any]:
+    return {"q": "q", "p": 0, "epoch": 1, "upto": 2, **fields}
+
+
+async def test_ops_that_follow_the_position_are_applied_and_acknowledged() -> None:
+    service = follower()
+    ops = [[7, encode_op(Publish(1, "a", None, "1"))], [7, encode_op(Publish(2, "b", None, "2"))]]
+    [reply] = await service.handle_replicate("n1", [item(prev=[0, 0], ops=ops)])
+    assert reply == {"ok": True, "seq": 2, "stamp": 7}
+    assert sorted(service.replicas[("q", 0)].state.ids) == ["a", "b"]
+
+
+async def test_a_bad_op_rejects_the_whole_batch() -> None:
+    service = follower()
+    ops = [[7, encode_op(Publish(1, "a", None, "1"))], [7, ["p", "not-an-offset"]]]
+    [reply] = await service.handle_replicate("n1", [item(prev=[0, 0], ops=ops)])
+    assert reply == {"ok": False, "error": "bad_item"}
+    replica = service.replicas[("q", 0)]
+    assert replica.position.seq == 0 and len(replica.state) == 0
+
+
+async def test_malformed_items_get_error_replies_not_exceptions() -> None:
+    service = follower()
+    replies = await service.handle_replicate("n1", [
+        item(prev="nonsense", ops=[]),
+        item(prev=[0, 0]),  # no ops
+        item(replace={"end": "x"}, seq=1, stamp=1),
+        {"q": "q"},
+        item(q="unknown", prev=[0, 0], ops=[]),
+    ])
+    assert [r.get("error") for r in replies] == [
+        "bad_item", "bad_item", "bad_item", "bad_item", "unknown_queue"
+    ]
+
+
+async def test_a_mismatched_position_is_reported_for_the_leader_to_resolve() -> None:
+    service = follower()
+    [reply] = await service.handle_replicate("n1", [item(prev=[5, 9], ops=[])])
+    assert reply == {"ok": False, "seq": 0, "stamp": 0}
+
+
+async def test_an_older_epoch_is_refused() -> None:
+    service = follower()
+    service.meta.apply(2, Command("queue.move", {
+        "queue": "q", "partition": 0, "epoch": 1, "leader": "n2", "isr": ["n1", "n2"]}))
+    [reply] = await service.handle_replicate("n1", [item(prev=[0, 0], ops=[])])
+    assert reply == {"ok": False, "error": "stale_epoch"}
