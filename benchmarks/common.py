@@ -7,9 +7,7 @@ user passes of a cluster on this machine.
 from __future__ import annotations
 
 import contextlib
-import random
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -24,8 +22,6 @@ if str(REPO_ROOT) not in sys.path:
 
 if TYPE_CHECKING:
     from service.cluster import LocalCluster
-
-REDIS_PORT_OFFSET = 1000  # as service.config: node N's embedded Redis is on PORT+1000
 
 
 @dataclass
@@ -56,28 +52,6 @@ def latency_line(label: str, values: list[float]) -> str:
     )
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_base_port(size: int) -> int:
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20_000, 40_000)
-        ports = [base + i for i in range(size)] + [
-            base + i + REDIS_PORT_OFFSET for i in range(size)
-        ]
-        if all(_port_free(p) for p in ports):
-            return base
-    raise RuntimeError("no free port range found on 127.0.0.1")
-
-
 @contextlib.contextmanager
 def local_cluster(nodes: int, base_port: int | None) -> Iterator[list[str]]:
     """A fresh local cluster for the benchmark; yields its node URLs."""
@@ -88,7 +62,7 @@ def local_cluster(nodes: int, base_port: int | None) -> Iterator[list[str]]:
 @contextlib.contextmanager
 def local_cluster_handle(nodes: int, base_port: int | None) -> Iterator[LocalCluster]:
     """The same, yielding the LocalCluster itself (for benchmarks that kill nodes)."""
-    from service.cluster import LocalCluster
+    from service.cluster import LocalCluster, free_base_port
 
     data_root = Path(tempfile.mkdtemp(prefix="dsync-bench-"))
     cluster = LocalCluster(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.config import default_redis_port
 from service.storage.embedded import read_pidfile
 
 
@@ -206,3 +209,33 @@ def _gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return True
+
+
+# --- ports -----------------------------------------------------------------------------
+
+
+def port_free(port: int) -> bool:
+    """Whether 127.0.0.1:port can be bound right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_ports(base_port: int, size: int) -> list[int]:
+    """The HTTP ports of a local cluster's nodes and of their embedded Redis servers."""
+    ports = [base_port + i for i in range(size)]
+    return ports + [default_redis_port(p) for p in ports]
+
+
+def free_base_port(size: int, low: int = 20_000, high: int = 40_000) -> int:
+    """A base port whose node ports and embedded Redis ports are all free."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(low, high)
+        if all(port_free(p) for p in cluster_ports(base, size)):
+            return base
+    raise RuntimeError("no free port range found on 127.0.0.1")

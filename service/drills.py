@@ -39,7 +39,6 @@ import itertools
 import json
 import random
 import shutil
-import socket
 import tempfile
 import time
 import uuid
@@ -50,7 +49,7 @@ from typing import Any
 
 import aiohttp
 
-from service.cluster import LocalCluster
+from service.cluster import LocalCluster, cluster_ports, port_free
 from service.config import REDIS_PORT_OFFSET
 
 __all__ = ["Grant", "HistoryCheck", "check_history", "run_drill"]
@@ -100,7 +99,7 @@ def run_drill(args: argparse.Namespace) -> int:
         return _usage("--seconds must be 0.5 to 3600")
     if not 1024 <= base_port <= 65536 - nodes:
         return _usage(f"--base-port must be 1024 to {65536 - nodes}")
-    busy = [p for p in _cluster_ports(base_port, nodes) if not _port_free(p)]
+    busy = [p for p in cluster_ports(base_port, nodes) if not port_free(p)]
     if busy:
         return _usage(
             f"ports {busy} on 127.0.0.1 are in use; pick another --base-port (nodes use "
@@ -717,25 +716,6 @@ def _holders(reply: Reply | None) -> set[tuple[str, int]] | None:
     if not isinstance(holders, list):
         return None
     return {(str(h.get("owner")), int(h.get("token", -1))) for h in holders if isinstance(h, dict)}
-
-
-def _cluster_ports(base_port: int, nodes: int) -> list[int]:
-    ports = [base_port + i for i in range(nodes)]
-    # As service.config: the embedded Redis is on PORT+offset, or PORT-offset past 65535.
-    return ports + [
-        p + REDIS_PORT_OFFSET if p + REDIS_PORT_OFFSET <= 65535 else p - REDIS_PORT_OFFSET
-        for p in ports
-    ]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _usage(message: str) -> int:

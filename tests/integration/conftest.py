@@ -2,39 +2,15 @@
 
 from __future__ import annotations
 
-import random
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from service.cluster import LocalCluster
+from service.cluster import LocalCluster, free_base_port
+from service.config import REDIS_PORT_OFFSET
 
-REDIS_PORT_OFFSET = 1000
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_base_port(size: int) -> int:
-    """A base port whose node ports and their embedded Redis ports are all free."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20_000, 40_000)
-        ports = [base + i for i in range(size)] + [
-            base + i + REDIS_PORT_OFFSET for i in range(size)
-        ]
-        if all(_port_free(p) for p in ports):
-            return base
-    raise RuntimeError("no free port range found on 127.0.0.1")
+__all__ = ["REDIS_PORT_OFFSET", "free_base_port", "make_cluster"]
 
 
 def make_cluster(tmp_path: Path, size: int = 3, **env: str) -> LocalCluster:
@@ -57,6 +33,20 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
         c.stop(timeout=10)
         c.kill_all()
         _dump_logs_on_failure(c)
+
+
+@pytest.fixture(scope="module")
+def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One running 3-node cluster shared by a module's tests (starting one costs seconds);
+    each test uses names of its own."""
+    cluster = make_cluster(Path(tmp_path_factory.mktemp("cluster")))
+    cluster.start()
+    try:
+        cluster.wait_for_leader(30)
+        yield cluster
+    finally:
+        cluster.stop(timeout=10)
+        cluster.kill_all()
 
 
 def _dump_logs_on_failure(c: LocalCluster) -> None:

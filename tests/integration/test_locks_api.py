@@ -9,29 +9,15 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
 from service.cluster import LocalCluster, http_json
-from tests.integration.conftest import REDIS_PORT_OFFSET, make_cluster
+from tests.integration.conftest import REDIS_PORT_OFFSET
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = make_cluster(Path(tmp_path_factory.mktemp("locks")))
-    cluster.start()
-    try:
-        cluster.wait_for_leader(30)
-        yield cluster
-    finally:
-        cluster.stop(timeout=10)
-        cluster.kill_all()
 
 
 def call(c: LocalCluster, node: int, method: str, path: str, body: Any = None,
