@@ -1,4 +1,4 @@
-"""Locust scenarios for the lock and queue APIs.
+"""Locust scenarios for the lock, queue and cache APIs.
 
     locust -f benchmarks/locustfile.py --host http://127.0.0.1:8001
     locust -f benchmarks/locustfile.py --headless -u 64 -r 16 -t 30s \\
@@ -13,6 +13,9 @@ nodes (every node serves every endpoint; followers forward to the leader).
   an occasional linearizable read of a lock.
 - QueueUser (weight 2): publish with ids (half keyed), consume with long poll and ack,
   and the prototype's /enqueue + /dequeue.
+- CacheUser (weight 2): reads (90%) and writes of 1,000 shared keys through its node's
+  cache; a 404 (a key not written yet) is an expected answer. Reads are named by the
+  `hit` flag the API returns, so Locust shows hit and miss latency apart.
 - SeedScenarioUser (weight 1): the course prototype's endpoints, POST /lock {"resource",
   "owner"}, POST /unlock, GET /locks and GET /health.
 
@@ -209,3 +212,36 @@ class QueueUser(_SpreadUser):
     def seed_enqueue_dequeue(self) -> None:
         self.client.post("/enqueue", json={"message": {"from": self.owner}})
         self.client.post("/dequeue")
+
+
+class CacheUser(_SpreadUser):
+    """Reads and writes a shared key space through the node it is pinned to, as clients of
+    a MESI cache do; every node caches, so the same keys are shared and invalidated."""
+
+    weight = 2
+    keys = 1_000
+    read_ratio = 0.9
+
+    @task
+    def read_or_write(self) -> None:
+        key = f"locust-{random.randrange(self.keys)}"
+        if random.random() >= self.read_ratio:
+            with self.client.put(f"/v1/cache/{key}", json={"value": {"by": self.owner}},
+                                 name="PUT /v1/cache/[key]", catch_response=True) as response:
+                if response.status_code == 200:
+                    response.success()
+                else:
+                    response.failure(f"{response.status_code} {_error_code(response)}")
+            return
+        with self.client.get(f"/v1/cache/{key}", name="GET /v1/cache/[key]",
+                             catch_response=True) as response:
+            if response.status_code not in (200, 404):
+                response.failure(f"{response.status_code} {_error_code(response)}")
+                return
+            body = response.json()
+            found = body if response.status_code == 200 else body.get("error", {})
+            # Renaming after the fact: Locust reports the request under the final name.
+            response.request_meta["name"] = (
+                "GET /v1/cache/[key] hit" if found.get("hit") else "GET /v1/cache/[key] miss"
+            )
+            response.success()

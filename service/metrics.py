@@ -131,6 +131,23 @@ class NodeMetrics:
         )
         self.cache_hits = Counter("dsync_cache_hits_total", "Cache hits", n, registry=r)
         self.cache_misses = Counter("dsync_cache_misses_total", "Cache misses", n, registry=r)
+        # Hit ratio is derived: hits / (hits + misses).
+        self.cache_invalidations = Counter(
+            "dsync_cache_invalidations_total", "Invalidations sent by homes", n, registry=r
+        )
+        self.cache_invalidation_seconds = Histogram(
+            "dsync_cache_invalidation_seconds", "Inv sent to InvAck received", n,
+            buckets=_FAST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.cache_write_backs = Counter(
+            "dsync_cache_write_backs_total", "Dirty values sent home", n, registry=r
+        )
+        self.cache_evictions = Counter(
+            "dsync_cache_evictions_total", "Lines evicted for capacity", n, registry=r
+        )
+        self.cache_lines = Gauge(
+            "dsync_cache_lines", "Cache lines per MESI state", [*n, "state"], registry=r
+        )
 
     def set_role(self, role: str) -> None:
         for candidate in ROLES:

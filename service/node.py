@@ -18,6 +18,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
 
+from service.cache.service import CacheService
+from service.cache.store import RedisCacheStore
 from service.config import ConfigError, Settings, resolve_peer_ids
 from service.dedup import Deduplicated, DedupTable
 from service.kv.machine import KvStateMachine
@@ -60,6 +62,7 @@ class Node:
     dedup: DedupTable = field(default_factory=DedupTable)
     locks: LockService | None = None
     queues: QueueService | None = None
+    cache: CacheService | None = None
     peer_urls: dict[str, str] = field(default_factory=dict)
     services: list[Any] = field(default_factory=list)
     _site_runner: web.AppRunner | None = None
@@ -242,6 +245,11 @@ class Node:
             self.queues.store = RedisPartitionStore(self.redis)
             self.queues.peer_urls = dict(self.peer_urls)
             self.queues.secret = settings.cluster_secret
+        if self.cache is not None:
+            assert self.redis is not None
+            self.cache.store = RedisCacheStore(self.redis)
+            self.cache.peer_urls = dict(self.peer_urls)
+            self.cache.secret = settings.cluster_secret
         for service in self.services:
             service.attach(self.runner)
         self.runner.start()

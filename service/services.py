@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from service.cache.service import CacheService
+from service.cache.store import MemoryCacheStore
 from service.clock import now_ms
 from service.locks.service import LockService, LockUnavailable
 from service.queue.service import QueueService
@@ -55,3 +57,8 @@ def install_services(node: Node) -> None:
     queues = QueueService(node.node_id, node.metrics, MemoryPartitionStore())
     node.queues = queues
     node.services.append(queues)
+
+    # Likewise: the node gives the cache its Redis-backed store before attach.
+    cache = CacheService(node.node_id, node.metrics, MemoryCacheStore())
+    node.cache = cache
+    node.services.append(cache)

@@ -5,6 +5,12 @@
 policies, `values` the JSON value encoding, and `checker.HistoryChecker` the coherence
 checker the tests run over recorded histories.
 
+`recovery` (RecoveringLineCache, RecoveringDirectory) extends both cores for a real
+network and kill -9: re-sends, request ids, hand-off records, persisted forwards, txn
+floors. The runtime that drives them is `service.CacheService` (with `pipeline` for the
+persist -> send -> reply order, `links` for peer messages, `wire` for their encoding,
+`store` for Redis, `report` for what it shows); routes are in service/api/cache.py.
+
 The protocol at a glance (details and reasons in `lines.py` and `directory.py`):
 
 Node (LineCache), by line state:

@@ -9,7 +9,9 @@ a person can act on:
 - no stale read: a read never returns a version older than the newest write that was
   acknowledged (ended) before the read began;
 - and, because versions name values: a read of version v returns exactly what the write
-  of v wrote (version 0 is the initial value), and no two writes share a version.
+  of v wrote (version 0 is the initial value), and no two writes share a version;
+- write order: a write acknowledged before another began has the smaller version (the
+  versions of a key increase with its acknowledged writes).
 
 Why incremental: each record is checked against everything recorded so far, in both
 directions (a read against earlier-acknowledged writes, a write against reads that began
@@ -51,7 +53,7 @@ class Op:
 
 @dataclass(frozen=True, slots=True)
 class Violation:
-    kind: str  # single-writer | stale-read | version-mismatch | duplicate-version
+    kind: str  # single-writer | stale-read | version-mismatch | duplicate-version | write-order
     at_ms: int
     description: str
 
@@ -72,6 +74,7 @@ class _KeyHistory:
     writes_by_end: list[tuple[int, int, Op]] = field(default_factory=list)  # (end, seq, op)
     prefix_max: list[Op] = field(default_factory=list)  # newest version among writes[:i+1]
     reads_by_start: list[tuple[int, int, Op]] = field(default_factory=list)
+    writes_by_start: list[tuple[int, int, Op]] = field(default_factory=list)
     write_of_version: dict[int, Op] = field(default_factory=dict)
     reads_of_version: dict[int, list[Op]] = field(default_factory=dict)
 
@@ -117,7 +120,9 @@ class HistoryChecker:
         for _, _, r in h.reads_by_start[start:]:
             if r.start_ms > end_ms and r.version < version:
                 found.append(self._stale(r, w))
+        found += self._write_order(h, w)
         self._seq += 1
+        bisect.insort(h.writes_by_start, (start_ms, self._seq, w))
         pos = bisect.bisect_right(h.writes_by_end, (end_ms, self._seq))
         h.writes_by_end.insert(pos, (end_ms, self._seq, w))
         if pos == len(h.prefix_max):  # the usual case: recorded in end order
@@ -212,6 +217,36 @@ class HistoryChecker:
         for _, _, w in h.writes_by_end:
             best = h.prefix_max[-1] if h.prefix_max else w
             h.prefix_max.append(w if w.version >= best.version else best)
+
+    @staticmethod
+    def _write_order(h: _KeyHistory, w: Op) -> list[Violation]:
+        """`w` against writes acknowledged before it began and writes begun after it
+        was acknowledged (equal versions are reported as duplicate-version)."""
+        found: list[Violation] = []
+        before = bisect.bisect_left(h.writes_by_end, (w.start_ms, -1))
+        if before:
+            newest = h.prefix_max[before - 1]
+            if newest.end_ms < w.start_ms and newest.version > w.version:
+                found.append(
+                    Violation(
+                        "write-order",
+                        w.end_ms,
+                        f"{w.describe('write')} got a smaller version than the "
+                        f"{newest.describe('write')}, acknowledged before it began",
+                    )
+                )
+        later = bisect.bisect_right(h.writes_by_start, (w.end_ms, 1 << 62))
+        for _, _, other in h.writes_by_start[later:]:
+            if other.start_ms > w.end_ms and other.version < w.version:
+                found.append(
+                    Violation(
+                        "write-order",
+                        other.end_ms,
+                        f"{other.describe('write')} got a smaller version than the "
+                        f"{w.describe('write')}, acknowledged before it began",
+                    )
+                )
+        return found
 
     @staticmethod
     def _stale(r: Op, w: Op) -> Violation:

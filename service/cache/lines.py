@@ -96,7 +96,8 @@ class Line:
         return size(self.data)
 
     def to_hash(self) -> dict[str, str]:
-        """The Redis hash mirroring this line (`dsync:cache:line:<node>:<key>`)."""
+        """The Redis hash mirroring this line (`dsync:cache:line:<key>` in the node's own
+        Redis; see store.py)."""
         fields = {"state": self.state.value, "version": str(self.version), "txn": str(self.txn)}
         if self.data is not None and self.state is not State.I:
             fields["value"] = self.data

@@ -18,6 +18,12 @@ Every message names its `key` and its `sender`. Two numbers order them:
 - `version`: counts the writes of a key (a version names exactly one value). Data only
   ever replaces data of a lower version.
 
+`req` (optional, 0 when unused) is the requester's own id for one GetS/GetM, echoed by the
+forward and the Data that answer it. The base cores ignore it; the recovering cores
+(`recovery.py`) use it to tell the answer to the request a node has outstanding from a
+grant for an older request of its (e.g. from before it restarted), which must not start
+a lease.
+
 Message flow (node -> home: requests, notices and replies; home -> node: grants and
 demands):
 
@@ -88,12 +94,14 @@ LocalOp = LocalRead | LocalWrite | LocalDelete
 class GetS:
     key: str
     sender: str
+    req: int = 0  # the requester's id for this request (see the module docstring)
 
 
 @dataclass(frozen=True, slots=True)
 class GetM:
     key: str
     sender: str
+    req: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +173,7 @@ class Data:
     data: str | None
     version: int
     lease_ms: int = 0  # S only: how long the copy may serve reads
+    req: int = 0  # the GetS/GetM this answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +190,7 @@ class FwdGetS:
     txn: int
     requester: str
     lease_ms: int
+    req: int = 0  # the requester's GetS, for the Data the owner sends
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +199,7 @@ class FwdGetM:
     sender: str
     txn: int
     requester: str
+    req: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,181 @@
+"""Cache part of the REST contract (/v1/cache...) and the node-to-node routes the cache
+service uses (/internal/v1/cache/...).
+
+Every node serves every key from its own cache (a client reading or writing through node
+X uses X's cache, as a processor uses its own); there is no forwarding here. Limits:
+keys are 1-512 bytes of UTF-8 (400 beyond), values at most `max_value_bytes` of JSON
+(256 KiB by default; 413 beyond), and the body at most MAX_BODY_BYTES (413).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+import msgpack
+from aiohttp import web
+
+from service.api.errors import ApiError, bad_request
+from service.api.forwarding import NODE_KEY
+from service.api.http import read_json
+from service.cache import wire
+from service.cache.messages import ReadDone
+from service.cache.service import INTERNAL, MSGPACK, CacheError, CacheService
+from service.cache.values import encode
+from service.transport.http import FROM_HEADER, SECRET_HEADER
+
+routes = web.RouteTableDef()
+
+MAX_KEY_BYTES = 512
+MAX_BATCH = 10_000
+PUT_FIELDS = frozenset({"value", "request_id"})
+
+
+def _service(request: web.Request) -> CacheService:
+    cache = request.app[NODE_KEY].cache
+    if cache is None or not cache.ready:
+        raise ApiError(503, "unavailable", "the cache is starting on this node; retry shortly")
+    return cache
+
+
+def _key(request: web.Request) -> str:
+    key = request.match_info["key"]
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise bad_request(f"a cache key is at most {MAX_KEY_BYTES} bytes of UTF-8")
+    return key
+
+
+def _failed(exc: CacheError) -> ApiError:
+    return ApiError(exc.status, exc.code, exc.message)
+
+
+def _read_body(key: str, done: ReadDone) -> str:
+    # The value is already canonical JSON text: splice it in rather than re-encode it.
+    return (
+        f'{{"key":{json.dumps(key, ensure_ascii=False)},"value":{done.data},'
+        f'"version":{done.version},"state":"{done.state.value}",'
+        f'"hit":{"true" if done.hit else "false"}}}'
+    )
+
+
+@routes.get("/v1/cache")
+async def describe(request: web.Request) -> web.Response:
+    try:
+        return web.json_response(_service(request).describe())
+    except CacheError as exc:
+        raise _failed(exc) from exc
+
+
+@routes.get("/v1/cache/{key}")
+async def read(request: web.Request) -> web.Response:
+    cache = _service(request)
+    key = _key(request)
+    try:
+        done = await cache.read(key)
+    except CacheError as exc:
+        raise _failed(exc) from exc
+    if not done.found:
+        raise ApiError(
+            404, "not_found", f"no value cached under {key!r}",
+            key=key, version=done.version, state=done.state.value, hit=done.hit,
+        )  # fmt: skip
+    return web.Response(text=_read_body(key, done), content_type="application/json")
+
+
+@routes.put("/v1/cache/{key}")
+async def write(request: web.Request) -> web.Response:
+    cache = _service(request)
+    key = _key(request)
+    body = await read_json(request)
+    unknown = sorted(set(body) - PUT_FIELDS)
+    if unknown:
+        raise bad_request(f'unknown fields: {", ".join(unknown)}; send {{"value": <any JSON>}}')
+    if "value" not in body:
+        raise bad_request("'value' is required (any JSON value, null included)")
+    try:
+        text = encode(body["value"])
+    except ValueError as exc:
+        raise bad_request(str(exc)) from exc
+    limit = cache.settings.max_value_bytes
+    if len(text.encode()) > limit:
+        raise ApiError(413, "too_large", f"the value is over {limit} bytes of JSON")
+    try:
+        done = await cache.write(key, body["value"])
+    except CacheError as exc:
+        raise _failed(exc) from exc
+    return web.json_response({"key": key, "version": done.version})
+
+
+@routes.delete("/v1/cache/{key}")
+async def delete(request: web.Request) -> web.Response:
+    cache = _service(request)
+    key = _key(request)
+    try:
+        done = await cache.delete(key)
+    except CacheError as exc:
+        raise _failed(exc) from exc
+    return web.json_response({"key": key, "deleted": True, "version": done.version})
+
+
+@routes.get("/v1/cache/{key}/lines")
+async def lines(request: web.Request) -> web.Response:
+    cache = _service(request)
+    return web.json_response(await cache.inspect(_key(request)))
+
+
+# --- node to node ----------------------------------------------------------------------
+
+
+def _packed(value: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgpack.packb(value, use_bin_type=True), status=status, content_type=MSGPACK
+    )
+
+
+async def _internal_body(request: web.Request) -> tuple[CacheService, dict[str, Any]]:
+    node = request.app[NODE_KEY]
+    secret = node.settings.cluster_secret
+    if secret is not None:
+        given = request.headers.get(SECRET_HEADER, "")
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), secret.encode()):
+            raise ApiError(401, "unauthorized", f"missing or wrong {SECRET_HEADER}")
+    cache = node.cache
+    if cache is None or not cache.ready:
+        raise ApiError(503, "unavailable", "the cache is starting on this node")
+    try:
+        body = msgpack.unpackb(await request.read(), raw=False, strict_map_key=False)
+    except ValueError as exc:
+        raise bad_request(f"body is not msgpack: {exc}") from exc
+    if not isinstance(body, dict):
+        raise bad_request("body is not a map")
+    return cache, body
+
+
+@routes.post(f"{INTERNAL}/messages")
+async def messages(request: web.Request) -> web.Response:
+    cache, body = await _internal_body(request)
+    sender = request.headers.get(FROM_HEADER, "")
+    raw = body.get("m")
+    if not isinstance(raw, list) or len(raw) > MAX_BATCH:
+        raise bad_request(f"'m' must be a list of at most {MAX_BATCH} messages")
+    try:
+        batch = [wire.decode(item) for item in raw]
+    except ValueError as exc:
+        raise bad_request(f"bad cache message: {exc}") from exc
+    if any(message.sender != sender for message in batch):
+        raise bad_request(f"every message's sender must be the {FROM_HEADER} header")
+    cache.receive(sender, batch)
+    return _packed({"n": len(batch)})
+
+
+@routes.post(f"{INTERNAL}/inspect")
+async def inspect(request: web.Request) -> web.Response:
+    cache, body = await _internal_body(request)
+    key = body.get("key")
+    if not isinstance(key, str) or len(key.encode()) > MAX_KEY_BYTES:
+        raise bad_request("'key' must be a cache key")
+    try:
+        return _packed(cache.inspect_local(key))
+    except CacheError as exc:
+        raise _failed(exc) from exc

@@ -1,0 +1,81 @@
+"""Crash and message-loss recovery for the MESI cores: what a real network and kill -9 need.
+
+The base cores (`lines.LineCache`, `directory.Directory`) assume every message is
+delivered exactly once and that a home restarts only between transactions. A real cluster
+breaks both: an HTTP batch is re-sent after a timeout (duplicates), a node killed -9
+loses what it had not sent yet and what it had received but not persisted (loss), and a
+home can die in the middle of any transaction. These subclasses add what that takes. They
+add no message types (only the optional `req` field, see `messages.py`), and the base
+classes, their tests and the seeded simulation are unchanged. The fault-injecting
+simulation (tests/cache/faulty_sim.py) found each of the holes closed below.
+
+Re-sends, every `resend_ms` while something is outstanding (`tick`):
+- a node re-sends its outstanding GetS/GetM (a crashed home forgot it) and PutE/PutM
+  while an eviction buffer waits for its PutAck;
+- a home re-sends, for the transaction running on a key, the forward to the owner (no
+  FwdDone yet), the Inv to every sharer that has not acked, or the grant (Data) while no
+  Unblock has arrived.
+
+Idempotence, so that re-sends and duplicates are harmless:
+- Requests carry a `req` id, echoed by the answer. The home ignores a request whose
+  transaction is already running, and any request or notice identical to one queued.
+- A Data for the transaction a line already has (same txn) is answered with Unblock
+  again (the first Unblock may be what was lost) instead of being dropped silently.
+- A grant that does not answer the request outstanding now (a duplicate, or the answer
+  to a request from before a restart) is acknowledged but not installed. An S copy's
+  lease would be dated from the wrong request (the home may have started counting it,
+  or restarted and counted it from its restart, long before); and an E/M copy taken
+  that way would break what the home relies on below: that the owner's copy came from
+  the owner's latest request. The home then names as owner a node with nothing, which
+  answers a forward with "nothing here", and the home serves its own value, which is
+  current since nobody wrote. (A node that already holds the exclusive copy keeps it,
+  with the new txn, as in the base cache.)
+- Forwards are the dangerous duplicate. An owner that hands its copy over keeps a durable
+  *hand-off record* (txn, requester, req, granted state, value, version, lease): a repeated
+  forward of that txn is answered again from it, with the same value. Without the record a
+  repeated FwdGetM would find the line already I and answer "nothing here", the home
+  would grant its own older value, and an acknowledged write would be lost. The record
+  is persisted with the hand-over, before the Data goes out, and `recover()` re-sends it
+  after a restart, so a value being handed over never lives only in memory. The home
+  sends PutAck(txn) to the old owner once the FwdDone's outcome is persisted; that, or
+  any later transaction reaching the line (which implies it), drops the record.
+- The home remembers (durably) which request made the current owner the owner. If the
+  owner asks again with that same req, its grant was lost (say, with a crashed home):
+  the same grant is sent again, same txn and value. An older req is a late duplicate
+  and is ignored. Only a newer req means the owner really lost its copy (it restarted
+  before persisting it) and gets a new grant. The base directory would answer all
+  three with a new grant; if that one were lost too, the owner's later write-back
+  would carry the older txn, be refused as stale, and an acknowledged write would be
+  lost. This needs request ids that grow across a node's restarts (`req_base`).
+- A home persists a running forward (owner, requester, kind, req) with the directory
+  entry, and a restarted home resumes waiting for that FwdDone, re-sending the forward,
+  instead of forgetting it: otherwise its entry would still name the old owner while the
+  requester may already hold the copy, and two nodes could end up writing.
+
+Lines are never forgotten. The base cache deletes a line's hash once the line is evicted
+(after PutS, or after the PutAck of a PutE/PutM) and with it the line's txn, so a late
+duplicate Data of an old transaction would then look like a fresh grant and be installed:
+a stale value in M or E. So a removed line leaves a *txn floor* (in memory and as an I
+tombstone hash), and a Data, Inv or forward at or below the floor is old. Answering a
+forward or an Inv with "no copy here" raises the floor to that txn too: a grant older
+than it, still in flight from before a home restart, must not be installed afterwards.
+The cost is one small hash per key this node ever held, the same order as the homes'
+directory entries, which are never deleted either.
+
+Only what matters after a crash is persisted. A line write is kept only if the line is
+E or M (or evicting), carries a hand-off record, or overwrites such a state on disk; S
+and I lines are not persisted otherwise. Nothing is lost by that: an S line reloads as
+I anyway, and a node never installs a grant left over from before its restart (its
+request ids are new), so it needs no txn floor from disk to recognise one. Misses and
+invalidations then cost no Redis write on the node that had the copy.
+
+Other transactions need no persisted progress. An Inv phase is simply repeated by the
+requester's re-sent GetM (sharers that already acked were persisted as dropped); a grant
+whose Data was lost with a crashed home is re-granted when the requester asks again (the
+base cores handle a re-grant of what a node already holds: the newer value is kept).
+"""
+
+from service.cache.recovering_directory import RecoveringDirectory
+from service.cache.recovering_lines import DEFAULT_RESEND_MS, Handoff, RecoveringLineCache
+
+__all__ = ["DEFAULT_RESEND_MS", "Handoff", "RecoveringDirectory", "RecoveringLineCache"]

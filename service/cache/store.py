@@ -1,0 +1,169 @@
+"""Where a node keeps its cache state: its lines and the directory entries it homes.
+
+Why a store of its own rather than the Raft state store: cache state is per node and
+changes at cache speed (every miss, write and invalidation), so it never goes through the
+log; each node mirrors its own cores into its own Redis, and a restarted node reloads
+them (`LineCache.restore`, `Directory.restore`).
+
+Redis layout (readable with redis-cli):
+
+    dsync:cache:line:<key>      hash  this node's line: state, version, txn, value (when
+                                      valid), evicting; an I "tombstone" keeps only the
+                                      txn; h_* fields: a hand-off record (recovery.py)
+    dsync:cache:dir:<key>       hash  the directory entry of a key this node homes: state,
+                                      owner, owner_txn, owner_req, sharers (JSON), version,
+                                      txn, value; fwd_* fields: a forward in progress
+    dsync:cache:incarnation     string  counts this node's cache starts (request ids)
+
+Every `persist` is one MULTI/EXEC, and with `appendfsync always` it is durable when the
+reply arrives: the runtime sends and answers nothing that depends on a write before its
+`persist` returns. Within one batch only the last write of each hash counts, and a hash is
+replaced whole (DEL + HSET), since a line that turns I must lose its `value` field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from redis.asyncio import Redis
+
+from service.cache.messages import PersistEntry, PersistLine
+
+LINE_PREFIX = "dsync:cache:line:"
+DIR_PREFIX = "dsync:cache:dir:"
+INCARNATION_KEY = "dsync:cache:incarnation"
+_SCAN_COUNT = 1_000
+_LOAD_CHUNK = 500
+
+Persist = PersistLine | PersistEntry
+Hashes = dict[str, dict[str, str]]
+
+
+@dataclass
+class StoredCache:
+    lines: Hashes = field(default_factory=dict)  # key -> line hash
+    entries: Hashes = field(default_factory=dict)  # key -> directory hash
+
+
+class CacheStore(Protocol):
+    async def persist(self, writes: Sequence[Persist]) -> None:
+        """Apply the writes atomically and durably (one transaction)."""
+        ...
+
+    async def load(self) -> StoredCache:
+        """Everything persisted: this node's lines and the directory entries it homes."""
+        ...
+
+    async def next_incarnation(self) -> int:
+        """1 on the first start of this node's cache, then 2, 3, ... (durably)."""
+        ...
+
+
+def _latest(writes: Sequence[Persist]) -> dict[tuple[bool, str], dict[str, str] | None]:
+    """(is_directory, key) -> the last fields written in this batch (None: delete)."""
+    latest: dict[tuple[bool, str], dict[str, str] | None] = {}
+    for write in writes:
+        directory = isinstance(write, PersistEntry)
+        latest[(directory, write.key)] = write.fields
+    return latest
+
+
+def redis_key(directory: bool, key: str) -> str:
+    return (DIR_PREFIX if directory else LINE_PREFIX) + key
+
+
+# --- memory ----------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryCacheStore:
+    """For tests and for a node before its Redis is up; `crash()` keeps what was stored."""
+
+    lines: Hashes = field(default_factory=dict)
+    entries: Hashes = field(default_factory=dict)
+    incarnation: int = 0
+    persists: int = 0  # calls, for tests of batching
+
+    async def persist(self, writes: Sequence[Persist]) -> None:
+        self.persists += 1
+        for (directory, key), fields in _latest(writes).items():
+            table = self.entries if directory else self.lines
+            if fields is None:
+                table.pop(key, None)
+            else:
+                table[key] = dict(fields)
+
+    async def load(self) -> StoredCache:
+        return StoredCache(
+            {k: dict(v) for k, v in self.lines.items()},
+            {k: dict(v) for k, v in self.entries.items()},
+        )
+
+    async def next_incarnation(self) -> int:
+        self.incarnation += 1
+        return self.incarnation
+
+    def crash(self) -> MemoryCacheStore:
+        return MemoryCacheStore(dict(self.lines), dict(self.entries), self.incarnation)
+
+
+# --- Redis -----------------------------------------------------------------------------
+
+
+class RedisCacheStore:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    async def persist(self, writes: Sequence[Persist]) -> None:
+        latest = _latest(writes)
+        if not latest:
+            return
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for (directory, key), fields in latest.items():
+                name = redis_key(directory, key)
+                pipe.delete(name)
+                if fields:
+                    pipe.hset(name, mapping=fields)  # type: ignore[arg-type]
+            await pipe.execute()
+
+    async def load(self) -> StoredCache:
+        return StoredCache(await self._load(LINE_PREFIX), await self._load(DIR_PREFIX))
+
+    async def next_incarnation(self) -> int:
+        return int(await self._redis.incr(INCARNATION_KEY))
+
+    async def _load(self, prefix: str) -> Hashes:
+        names: list[bytes] = [
+            name async for name in self._redis.scan_iter(match=f"{prefix}*", count=_SCAN_COUNT)
+        ]
+        out: Hashes = {}
+        for start in range(0, len(names), _LOAD_CHUNK):
+            chunk = names[start : start + _LOAD_CHUNK]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in chunk:
+                    pipe.hgetall(name)
+                found = await pipe.execute(raise_on_error=False)
+            for name, fields in zip(chunk, found, strict=True):
+                if not isinstance(fields, dict) or not fields:
+                    continue  # gone meanwhile, or not a hash (someone else's key)
+                key = _text(name)[len(prefix) :]
+                out[key] = {_text(f): _text(v) for f, v in fields.items()}
+        return out
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+__all__ = [
+    "DIR_PREFIX",
+    "INCARNATION_KEY",
+    "LINE_PREFIX",
+    "CacheStore",
+    "MemoryCacheStore",
+    "RedisCacheStore",
+    "StoredCache",
+    "redis_key",
+]
