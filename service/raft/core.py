@@ -269,7 +269,7 @@ class RaftCore:
         self._start_read(ctx)
 
     def _start_read(self, ctx: int) -> None:
-        if len(self.voters) == 1:
+        if self.voters == (self.id,):
             self._read_states.append(ReadState(ctx, self.commit))
             return
         self._read_round += 1
@@ -395,6 +395,9 @@ class RaftCore:
         self._transferee = None
         self._pending_reads = []
         self._waiting_reads = []
+        # A broadcast owed by the leader we were dies with that leadership: sent later, it
+        # would carry the new term and make followers take us for that term's leader.
+        self._broadcast_pending = False
 
     def _reset_election_timer(self) -> None:
         base = self.cfg.election_ticks
@@ -503,6 +506,8 @@ class RaftCore:
         self._send(VoteResponse(self.term, self.id, m.src, grant, False))
 
     def _handle_vote_response(self, m: VoteResponse) -> None:
+        if m.src not in self.voters:
+            return  # only a majority of the configuration elects (e.g. a late PreVote answer)
         if m.prevote:
             if self.role != Role.PRE_CANDIDATE or m.term != self.term + 1:
                 return
@@ -556,13 +561,15 @@ class RaftCore:
 
     def _step_stale(self, m: Message) -> None:
         # A deposed leader (or a node that was partitioned away) learns the newer term
-        # from our answer and steps down; PreVote asks are answered so they end quickly.
+        # from our answer and steps down. Vote requests are refused with our term (§5.1):
+        # a candidate nobody with a newer term answers may never learn it, and keep
+        # campaigning in a term the others have left (seen without PreVote).
         if isinstance(m, AppendRequest):
             self._send(AppendResponse(self.term, self.id, m.src, False, 0, m.read_ctx))
         elif isinstance(m, SnapshotRequest):
             self._send(SnapshotResponse(self.term, self.id, m.src, 0))
-        elif isinstance(m, VoteRequest) and m.prevote:
-            self._send(VoteResponse(self.term, self.id, m.src, False, True))
+        elif isinstance(m, VoteRequest):
+            self._send(VoteResponse(self.term, self.id, m.src, False, m.prevote))
 
     def _on_leader_contact(self, leader: NodeId) -> None:
         if self.role != Role.FOLLOWER:
@@ -756,10 +763,11 @@ class RaftCore:
     def _release_reads(self) -> None:
         if not self._pending_reads:
             return
-        acks = sorted(
-            [self._read_round] + [self._progress[p].read_ack for p in self.peers],
-            reverse=True,
-        )
+        acks = [self._progress[p].read_ack for p in self.peers]
+        if self.id in self.voters:
+            # A leader that is removing itself does not count itself in majorities.
+            acks.append(self._read_round)
+        acks.sort(reverse=True)
         confirmed = acks[self._quorum() - 1]
         done = [r for r in self._pending_reads if r.round <= confirmed]
         self._pending_reads = [r for r in self._pending_reads if r.round > confirmed]
