@@ -8,12 +8,13 @@ drill failover|restart-all   (see service/drills.py)
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.cluster import LocalCluster
+from service.cluster import LocalCluster, cluster_ports, port_free
 
 
 def cluster_up(nodes: int, base_port: int, data_root: Path) -> int:
@@ -23,6 +24,18 @@ def cluster_up(nodes: int, base_port: int, data_root: Path) -> int:
         data_root=data_root,
         extra_env={"LOG_FORMAT": "text"},
     )
+    busy = [p for p in cluster_ports(base_port, nodes) if not port_free(p)]
+    if busy:
+        # Otherwise whatever answers there (an earlier cluster?) would pass for this one.
+        print(
+            f"dsync: ports {', '.join(map(str, busy))} on 127.0.0.1 are in use; stop what "
+            "uses them or pass another --base-port",
+            file=sys.stderr,
+        )
+        return 1
+    # SIGTERM (kill, a supervisor) must stop the nodes too, not orphan them: turn it into
+    # SystemExit so the finally below runs, as it does for Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"dsync: starting {nodes} nodes, data in {data_root}/", flush=True)
     cluster.start()
     try:
