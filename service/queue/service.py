@@ -58,6 +58,7 @@ DEAD_AFTER_SECONDS = 0.8
 CONTROL_INTERVAL_SECONDS = 0.1
 TRIM_INTERVAL_SECONDS = 1.0
 LONG_POLL_SLICE_SECONDS = 0.1
+REMOTE_POLL_SECONDS = 0.5
 HEARTBEAT_SECONDS = 0.2
 # A follower node that answered no replication call for this long leaves the ISR.
 PEER_DOWN_SECONDS = 0.7
@@ -516,21 +517,36 @@ class QueueService:
         self, queue: str, group: str, consumer: str, max_messages: int, visibility_ms: int,
         wait_ms: int,
     ) -> list[Delivered]:
+        """Deliveries from this node's partitions first (no extra hop); other nodes'
+        partitions when ours have nothing: at once, then while long-polling once every
+        REMOTE_POLL_SECONDS, and once more before giving up, so idle consumers do not
+        flood the other nodes with empty polls."""
         meta = await self.ensure_queue(queue)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
-        while True:
-            out = self.consume_local(queue, group, consumer, max_messages, visibility_ms)
-            if not out:
-                # Other nodes' partitions only when ours have nothing: consumers spread
-                # over the nodes each drain their own node's partitions with no extra hop.
-                out = await self._consume_remote(
-                    meta, group, consumer, max_messages, visibility_ms
-                )
-            remaining = deadline - loop.time()
-            if out or remaining <= 0:
-                return out
-            await self._wait_for_messages(queue, min(remaining, LONG_POLL_SLICE_SECONDS))
+
+        def local() -> list[Delivered]:
+            return self.consume_local(queue, group, consumer, max_messages, visibility_ms)
+
+        async def remote() -> list[Delivered]:
+            return await self._consume_remote(meta, group, consumer, max_messages,
+                                              visibility_ms)
+
+        out = local() or await remote()
+        next_remote = loop.time() + REMOTE_POLL_SECONDS
+        while not out:
+            now = loop.time()
+            if now >= deadline:
+                return []
+            await self._wait_for_messages(
+                queue, min(deadline - now, LONG_POLL_SLICE_SECONDS, max(0.0, next_remote - now))
+            )
+            out = local()
+            now = loop.time()
+            if not out and (now >= next_remote or now >= deadline):
+                out = await remote()
+                next_remote = now + REMOTE_POLL_SECONDS
+        return out
 
     async def _consume_remote(
         self, meta: QueueMeta, group: str, consumer: str, max_messages: int,
