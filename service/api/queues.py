@@ -19,16 +19,16 @@ from aiohttp import web
 from service.api.errors import ApiError, bad_request
 from service.api.forwarding import NODE_KEY
 from service.api.http import field_int, read_json
-from service.queue.meta import QueueOptions
-from service.queue.replica import NotPartitionLeader
-from service.queue.service import (
+from service.queue.base import (
     INTERNAL,
     MSGPACK,
     Delivered,
     QueueError,
-    QueueService,
     parse_receipt,
 )
+from service.queue.meta import QueueOptions
+from service.queue.replica import NotPartitionLeader
+from service.queue.service import QueueService
 from service.transport.http import FROM_HEADER, SECRET_HEADER
 
 routes = web.RouteTableDef()

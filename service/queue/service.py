@@ -18,119 +18,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import math
-import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import msgpack
 
 from service.clock import now_ms
-from service.metrics import NodeMetrics
 from service.placement import assign, partition_for
-from service.queue.meta import PartitionMeta, QueueMeta, QueueMetaMachine, QueueOptions
-from service.queue.ops import Ack, Dead, Nack, decode_op
-from service.queue.partition import PartitionState, PublishResult
-from service.queue.replica import GroupFlusher, NotPartitionLeader, PartitionReplica
-from service.queue.store import PartitionStore, Position
-from service.raft.core import RaftError, Role
+from service.queue.base import (
+    LONG_POLL_SLICE_SECONDS,
+    PUBLISH_TIMEOUT_SECONDS,
+    REMOTE_POLL_SECONDS,
+    RPC_TIMEOUT_SECONDS,
+    Delivered,
+    QueueError,
+    log,
+    make_receipt,
+)
+from service.queue.control import ControlMixin
+from service.queue.meta import QueueMeta, QueueOptions
+from service.queue.ops import Ack, Dead, Nack
+from service.queue.partition import PublishResult
+from service.queue.replica import NotPartitionLeader
+from service.queue.replication import ReplicationMixin
+from service.raft.core import Role
 from service.raft.runner import RaftRunner
 from service.statemachine import Command, StateMachine
-from service.transport.http import FROM_HEADER, SECRET_HEADER
-
-log = logging.getLogger("dsync.queue")
-
-INTERNAL = "/internal/v1/queue"
-MSGPACK = "application/msgpack"
-PUBLISH_TIMEOUT_SECONDS = 5.0
-REPLICATE_TIMEOUT_SECONDS = 2.0
-RPC_TIMEOUT_SECONDS = 3.0
-MAX_OPS_PER_ITEM = 5_000
-# A follower behind for this long leaves the ISR (publishes stop waiting for it).
-ISR_LAG_SECONDS = 1.0
-# A node not heard from (Raft traffic) for this long has its partitions moved away.
-DEAD_AFTER_SECONDS = 0.8
-CONTROL_INTERVAL_SECONDS = 0.1
-TRIM_INTERVAL_SECONDS = 1.0
-LONG_POLL_SLICE_SECONDS = 0.1
-REMOTE_POLL_SECONDS = 0.5
-HEARTBEAT_SECONDS = 0.2
-# A follower node that answered no replication call for this long leaves the ISR.
-PEER_DOWN_SECONDS = 0.7
-
-
-class QueueError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class Delivered:
-    id: str
-    receipt: str
-    partition: int
-    key: str | None
-    body: str  # JSON text
-    delivery_count: int
-
-    def to_wire(self) -> list[Any]:
-        return [self.id, self.receipt, self.partition, self.key, self.body, self.delivery_count]
-
-    @staticmethod
-    def from_wire(raw: Sequence[Any]) -> Delivered:
-        return Delivered(str(raw[0]), str(raw[1]), int(raw[2]), raw[3], str(raw[4]), int(raw[5]))
-
-
-def make_receipt(partition: int, offset: int, count: int) -> str:
-    return f"{partition}.{offset}.{count}"
-
-
-def parse_receipt(receipt: object) -> tuple[int, int, int]:
-    if not isinstance(receipt, str):
-        raise ValueError("a receipt is a string")
-    parts = receipt.split(".")
-    if len(parts) != 3 or not all(p.isdigit() and len(p) < 19 for p in parts):
-        raise ValueError(f"malformed receipt {receipt[:64]!r}")
-    partition, offset, count = (int(p) for p in parts)
-    return partition, offset, count
-
 
 ProposeMeta = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-class QueueService:
-    def __init__(self, node_id: str, metrics: NodeMetrics, store: PartitionStore) -> None:
-        self.node_id = node_id
-        self.metrics = metrics
-        self.store = store
-        self.meta = QueueMetaMachine()
-        self.runner: RaftRunner | None = None
-        self.peer_urls: dict[str, str] = {}
-        self.secret: str | None = None
-        self.replicas: dict[tuple[str, int], PartitionReplica] = {}
-        self._loading: dict[tuple[str, int], asyncio.Future[PartitionReplica]] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._wake: dict[str, asyncio.Event] = {}
-        self._reconcile_needed = asyncio.Event()
-        self._counters: dict[str, int] = {}
-        self._rotation = itertools.count()
-        self._moving: set[tuple[str, int, int]] = set()
-        self._isr_changing: set[tuple[str, int, int]] = set()
-        self._leader_since = 0.0
-        self._stopping = False
-        self._rng = random.Random()
-        self._group_flusher: GroupFlusher | None = None
-        self._peer_ok: dict[str, float] = {}  # loop time of each peer's last good reply
-        self._started_at = 0.0
+class QueueService(ReplicationMixin, ControlMixin):
+    """See the module docstring; the parts live in base, replication and control."""
 
     # --- wiring ------------------------------------------------------------------------
 
@@ -167,12 +89,6 @@ class QueueService:
         if self._session is not None:
             await self._session.close()
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     def _on_apply(self, index: int, command: Command, result: Any) -> None:
         if command.op.startswith("queue."):
             self._reconcile_needed.set()
@@ -182,34 +98,6 @@ class QueueService:
             self._leader_since = asyncio.get_running_loop().time()
 
     # --- roles -------------------------------------------------------------------------
-
-    async def _replica(self, queue: str, partition: int) -> PartitionReplica:
-        key = (queue, partition)
-        replica = self.replicas.get(key)
-        if replica is not None:
-            return replica
-        loading = self._loading.get(key)
-        if loading is None:
-            loading = asyncio.ensure_future(self._load(queue, partition))
-            self._loading[key] = loading
-        try:
-            return await asyncio.shield(loading)
-        finally:
-            self._loading.pop(key, None)
-
-    async def _load(self, queue: str, partition: int) -> PartitionReplica:
-        state, position = await self.store.load(queue, partition)
-        replica = PartitionReplica(
-            self.node_id, queue, partition, state, position, self.store, self._flusher()
-        )
-        replica.on_ops = self._ops_ready
-        self.replicas[(queue, partition)] = replica
-        return replica
-
-    def _flusher(self) -> GroupFlusher:
-        if self._group_flusher is None or self._group_flusher.store is not self.store:
-            self._group_flusher = GroupFlusher(self.store)
-        return self._group_flusher
 
     async def _reconciler(self) -> None:
         while not self._stopping:
@@ -247,45 +135,7 @@ class QueueService:
         for event in self._wake.values():
             event.set()
 
-    def _ops_ready(self, replica: PartitionReplica) -> None:
-        meta = self.meta.get(replica.queue)
-        if meta is None:
-            return
-        for peer in meta.partitions[replica.partition].replicas:
-            event = self._wake.get(peer)
-            if event is not None:
-                event.set()
-
-    def _leading(self, queue: str, partition: int) -> PartitionReplica:
-        replica = self.replicas.get((queue, partition))
-        meta = self.meta.get(queue)
-        if (
-            replica is None
-            or meta is None
-            or not replica.leading
-            or meta.partitions[partition].epoch != replica.leader_epoch
-        ):
-            raise NotPartitionLeader(f"{queue}/{partition}")
-        return replica
-
-    def led_partitions(self, queue: str) -> list[PartitionReplica]:
-        meta = self.meta.get(queue)
-        if meta is None:
-            return []
-        out = []
-        for index, part in enumerate(meta.partitions):
-            replica = self.replicas.get((queue, index))
-            if replica is not None and replica.leading and replica.leader_epoch == part.epoch:
-                out.append(replica)
-        return out
-
     # --- queues ------------------------------------------------------------------------
-
-    def voters(self) -> list[str]:
-        runner = self.runner
-        if runner is None:
-            return [self.node_id]
-        return sorted(runner.core.status().voters)
 
     def default_options(self) -> QueueOptions:
         return QueueOptions(replicas=min(3, len(self.voters())))
@@ -702,337 +552,3 @@ class QueueService:
                 results.append(reply)
         return results
 
-    # --- metadata proposals ------------------------------------------------------------
-
-    async def propose_meta(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        runner = self.runner
-        if runner is None:
-            raise QueueError(503, "unavailable", "node is starting")
-        deadline = time.monotonic() + PUBLISH_TIMEOUT_SECONDS
-        while True:
-            leader = runner.core.leader
-            try:
-                if leader == self.node_id:
-                    result = await runner.propose(Command(op, args), PUBLISH_TIMEOUT_SECONDS)
-                    return dict(result)
-                if leader is not None:
-                    status, reply = await self._rpc(leader, "propose", {"op": op, "args": args})
-                    if status == 200 and isinstance(reply, dict):
-                        return reply
-            except (RaftError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-                log.debug("meta proposal failed", extra={"op": op, "error": repr(exc)})
-            if time.monotonic() >= deadline:
-                raise QueueError(503, "no_leader", "no Raft leader to commit the change; retry")
-            await asyncio.sleep(0.05)
-
-    async def propose_here(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        """For the internal RPC: only queue metadata ops, only on the Raft leader."""
-        if not op.startswith("queue."):
-            raise QueueError(400, "bad_request", f"not a queue op: {op!r}")
-        runner = self.runner
-        if runner is None or runner.core.role != Role.LEADER:
-            raise QueueError(409, "not_leader", "not the Raft leader")
-        result = await runner.propose(Command(op, args), PUBLISH_TIMEOUT_SECONDS)
-        return dict(result)
-
-    # --- replication: leader side ------------------------------------------------------
-
-    async def _sender(self, peer: str) -> None:
-        """Pushes ops to one follower node, one request in flight at a time (later ops
-        ride in the next request). With nothing to send it still calls every
-        HEARTBEAT_SECONDS: partition leaders learn which followers are reachable, and
-        drop an unreachable one from the ISR before a publish has to wait for it."""
-        wake = self._wake[peer]
-        backoff = 0.05
-        while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), HEARTBEAT_SECONDS)
-            wake.clear()
-            while not self._stopping:
-                items, more = self._replication_items(peer)
-                try:
-                    status, reply = await self._rpc(
-                        peer, "replicate", {"items": items}, timeout=REPLICATE_TIMEOUT_SECONDS
-                    )
-                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                    log.debug("replicate to %s failed: %r", peer, exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(HEARTBEAT_SECONDS * 2, backoff * 2)
-                    break
-                backoff = 0.05
-                if status != 200 or not isinstance(reply, list):
-                    await asyncio.sleep(0.05)
-                    break
-                self._peer_ok[peer] = asyncio.get_running_loop().time()
-                self._replication_replies(peer, items, reply)
-                if not more:
-                    break
-
-    def _replication_items(self, peer: str) -> tuple[list[dict[str, Any]], bool]:
-        items: list[dict[str, Any]] = []
-        more = False
-        for (queue, partition), replica in sorted(self.replicas.items()):
-            if not replica.leading:
-                continue
-            meta = self.meta.get(queue)
-            if meta is None or peer not in meta.partitions[partition].replicas:
-                continue
-            acked = replica.follower_acked.get(peer)
-            # "upto": the leader's end when this was sent; a follower that acks it was
-            # caught up at that moment (what ISR membership is judged by).
-            base = {"q": queue, "p": partition, "epoch": replica.leader_epoch,
-                    "upto": replica.position.seq}
-            if acked is None:
-                # Probe: where is the follower? (its reply says, or it agrees and is done)
-                items.append({**base, "prev": [replica.position.seq, replica.position.stamp],
-                              "ops": []})
-                continue
-            if acked >= replica.position.seq:
-                continue
-            ops = replica.ops_after(acked, MAX_OPS_PER_ITEM)
-            prev_stamp = replica.stamp_at(acked)
-            if ops is None or prev_stamp is None:
-                items.append({**base, "replace": replica.state.export(),
-                              "seq": replica.position.seq, "stamp": replica.position.stamp})
-                continue
-            if acked + len(ops) < replica.position.seq:
-                more = True
-            items.append({**base, "prev": [acked, prev_stamp],
-                          "ops": [[o.stamp, o.op] for o in ops]})
-        return items, more
-
-    def _replication_replies(
-        self, peer: str, items: list[dict[str, Any]], replies: list[Any]
-    ) -> None:
-        for item, reply in zip(items, replies, strict=False):
-            replica = self.replicas.get((item["q"], item["p"]))
-            if replica is None or not replica.leading or not isinstance(reply, dict):
-                continue
-            if replica.leader_epoch != item["epoch"]:
-                continue
-            seq, stamp = int(reply.get("seq", 0)), int(reply.get("stamp", 0))
-            if reply.get("ok"):
-                replica.follower_ack(peer, seq)
-                if seq >= item["upto"]:
-                    replica.follower_caught_up_at[peer] = asyncio.get_running_loop().time()
-            elif reply.get("error"):
-                continue  # stale epoch / unknown queue: metadata will catch up
-            elif replica.agrees(seq, stamp):
-                replica.follower_ack(peer, seq)
-            else:
-                # Diverged or too far behind: the next round sends the whole state.
-                replica.follower_acked[peer] = -1
-
-    # --- replication: follower side ----------------------------------------------------
-
-    async def handle_replicate(self, sender: str, items: list[Any]) -> list[dict[str, Any]]:
-        replies: list[dict[str, Any]] = []
-        touched: list[PartitionReplica] = []
-        for item in items:
-            reply, replica = await self._accept(sender, item)
-            replies.append(reply)
-            if replica is not None:
-                touched.append(replica)
-        await asyncio.gather(*(r.flush() for r in touched))
-        for reply in replies:
-            key = reply.pop("_key", None)
-            if key is not None:
-                replica = self.replicas[key]
-                reply["seq"], reply["stamp"] = replica.durable_seq, replica.position.stamp
-        return replies
-
-    async def _accept(
-        self, sender: str, item: Any
-    ) -> tuple[dict[str, Any], PartitionReplica | None]:
-        try:
-            queue, partition, epoch = str(item["q"]), int(item["p"]), int(item["epoch"])
-        except (KeyError, TypeError, ValueError):
-            return {"ok": False, "error": "bad_item"}, None
-        meta = self.meta.get(queue)
-        if meta is None or partition >= len(meta.partitions):
-            return {"ok": False, "error": "unknown_queue"}, None
-        part = meta.partitions[partition]
-        if self.node_id not in part.replicas:
-            return {"ok": False, "error": "not_replica"}, None
-        if epoch < part.epoch:
-            return {"ok": False, "error": "stale_epoch"}, None
-        replica = await self._replica(queue, partition)
-        if replica.leading:
-            if epoch <= replica.leader_epoch:
-                return {"ok": False, "error": "stale_epoch"}, None
-            replica.step_down()
-        if epoch < replica.position.epoch:
-            return {"ok": False, "error": "stale_epoch"}, None
-        if "replace" in item:
-            try:
-                state = PartitionState.from_export(item["replace"])
-            except (KeyError, TypeError, ValueError) as exc:
-                log.warning("bad state transfer", extra={"sender": sender, "error": repr(exc)})
-                return {"ok": False, "error": "bad_item"}, None
-            await replica.replace_state(
-                state, Position(epoch, int(item["seq"]), int(item["stamp"]))
-            )
-            replica.new_messages.set()
-            return {"ok": True, "_key": (queue, partition)}, replica
-        try:
-            prev_seq, prev_stamp = (int(x) for x in item["prev"])
-            ops = [(int(stamp), decode_op(op)) for stamp, op in item["ops"]]
-        except (KeyError, TypeError, ValueError) as exc:  # OpDecodeError is a ValueError
-            log.warning("bad replicate item", extra={"sender": sender, "error": repr(exc)})
-            return {"ok": False, "error": "bad_item"}, None
-        if (replica.position.seq, replica.position.stamp) != (prev_seq, prev_stamp):
-            return {"ok": False, "seq": replica.position.seq,
-                    "stamp": replica.position.stamp}, None
-        replica.apply_replicated(epoch, ops)
-        return {"ok": True, "_key": (queue, partition)}, replica
-
-    # --- maintenance: ISR, leader moves, trimming, gauges ------------------------------
-
-    async def _maintenance(self) -> None:
-        last_trim = 0.0
-        while not self._stopping:
-            await asyncio.sleep(CONTROL_INTERVAL_SECONDS)
-            loop_time = asyncio.get_running_loop().time()
-            try:
-                self._check_isr(loop_time)
-                if self.runner is not None and self.runner.core.role == Role.LEADER:
-                    self._control(loop_time)
-                if loop_time - last_trim >= TRIM_INTERVAL_SECONDS:
-                    last_trim = loop_time
-                    self._trim_and_gauge()
-            except Exception:
-                log.exception("queue maintenance failed")
-
-    def _check_isr(self, now: float) -> None:
-        for (queue, partition), replica in list(self.replicas.items()):
-            if not replica.leading:
-                continue
-            meta = self.meta.get(queue)
-            if meta is None:
-                continue
-            part = meta.partitions[partition]
-            if part.epoch != replica.leader_epoch:
-                continue
-            for follower in part.replicas:
-                if follower == self.node_id:
-                    continue
-                reachable = (
-                    now - max(self._peer_ok.get(follower, 0.0), self._started_at)
-                    < PEER_DOWN_SECONDS
-                )
-                if reachable and replica.follower_acked.get(follower, -1) >= replica.position.seq:
-                    replica.follower_caught_up_at[follower] = now
-                caught_up_at = replica.follower_caught_up_at.get(follower, -math.inf)
-                if follower in part.isr and (
-                    not reachable or now - caught_up_at > ISR_LAG_SECONDS
-                ):
-                    isr = [n for n in part.isr if n != follower]
-                    self._change_isr(queue, partition, part, isr)
-                elif (
-                    follower not in part.isr
-                    and reachable
-                    and now - caught_up_at < ISR_LAG_SECONDS / 2
-                ):
-                    isr = [n for n in part.replicas if n in part.isr or n == follower]
-                    self._change_isr(queue, partition, part, isr)
-
-    def _change_isr(self, queue: str, partition: int, part: PartitionMeta,
-                    isr: list[str]) -> None:
-        key = (queue, partition, part.epoch)
-        if key in self._isr_changing:
-            return
-        self._isr_changing.add(key)
-
-        async def change() -> None:
-            try:
-                await self.propose_meta("queue.isr", {"queue": queue, "partition": partition,
-                                                      "epoch": part.epoch, "isr": isr})
-                log.info("isr changed", extra={"queue": queue, "partition": partition,
-                                               "isr": isr})
-            except QueueError as exc:
-                log.info("isr change failed", extra={"error": exc.message})
-            finally:
-                await asyncio.sleep(0.2)
-                self._isr_changing.discard(key)
-
-        self._spawn(change())
-
-    def _live(self, node: str, now: float) -> bool:
-        if node == self.node_id or self.runner is None:
-            return True
-        heard = self.runner.last_heard.get(node, 0.0)
-        return now - max(heard, self._leader_since) < DEAD_AFTER_SECONDS
-
-    def _control(self, now: float) -> None:
-        """Raft leader: move partitions away from dead leaders, back to preferred ones."""
-        led: dict[str, int] = {}
-        for meta in self.meta.queues():
-            for part in meta.partitions:
-                led[part.leader] = led.get(part.leader, 0) + 1
-        for meta in self.meta.queues():
-            for index, part in enumerate(meta.partitions):
-                target: str | None = None
-                isr = part.isr
-                if not self._live(part.leader, now):
-                    live = [n for n in part.isr if n != part.leader and self._live(n, now)]
-                    if live:
-                        target = min(live, key=lambda n: (led.get(n, 0), part.replicas.index(n)))
-                        isr = tuple(n for n in part.isr if n != part.leader)
-                else:
-                    preferred = part.replicas[0]
-                    if (preferred != part.leader and preferred in part.isr
-                            and self._live(preferred, now)):
-                        target = preferred
-                if target is None:
-                    continue
-                key = (meta.name, index, part.epoch)
-                if key in self._moving:
-                    continue
-                self._moving.add(key)
-                led[target] = led.get(target, 0) + 1
-                self._spawn(self._move(meta.name, index, part, target, isr, key))
-
-    async def _move(self, queue: str, partition: int, part: PartitionMeta, leader: str,
-                    isr: tuple[str, ...], key: tuple[str, int, int]) -> None:
-        try:
-            await self.runner.propose(  # type: ignore[union-attr]
-                Command("queue.move", {"queue": queue, "partition": partition,
-                                       "epoch": part.epoch, "leader": leader,
-                                       "isr": list(isr)}),
-                PUBLISH_TIMEOUT_SECONDS,
-            )
-        except (RaftError, TimeoutError) as exc:
-            log.info("partition move failed", extra={"error": repr(exc)})
-        finally:
-            await asyncio.sleep(0.5)
-            self._moving.discard(key)
-
-    def _trim_and_gauge(self) -> None:
-        for (queue, partition), replica in list(self.replicas.items()):
-            if not replica.leading:
-                continue
-            trim = replica.state.plan_trim()
-            if trim is not None:
-                replica.apply_local([trim])
-            lags = [replica.state.lag(g) for g in replica.state.groups] or [len(replica.state)]
-            self.metrics.queue_lag.labels(self.node_id, queue, str(partition)).set(max(lags))
-
-    # --- internal RPC ------------------------------------------------------------------
-
-    async def _rpc(self, node: str, name: str, body: dict[str, Any],
-                   timeout: float = RPC_TIMEOUT_SECONDS) -> tuple[int, Any]:
-        url = self.peer_urls.get(node)
-        if url is None or self._session is None:
-            raise aiohttp.ClientError(f"no address for {node}")
-        headers = {"Content-Type": MSGPACK, FROM_HEADER: self.node_id}
-        if self.secret:
-            headers[SECRET_HEADER] = self.secret
-        data = msgpack.packb(body, use_bin_type=True)
-        async with self._session.post(
-            f"{url}{INTERNAL}/{name}", data=data, headers=headers,
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as response:
-            raw = await response.read()
-            if response.content_type == MSGPACK:
-                return response.status, msgpack.unpackb(raw, raw=False, strict_map_key=False)
-            return response.status, {}

@@ -1,0 +1,238 @@
+"""Shared state and plumbing of the queue service: constants, errors, the replicas this
+node holds, node-to-node RPC and metadata proposals. The service proper
+(`service.py`), replication (`replication.py`) and control (`control.py`) build on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgpack
+
+from service.metrics import NodeMetrics
+from service.queue.meta import QueueMetaMachine
+from service.queue.replica import GroupFlusher, NotPartitionLeader, PartitionReplica
+from service.queue.store import PartitionStore
+from service.raft.core import RaftError, Role
+from service.raft.runner import RaftRunner
+from service.statemachine import Command
+from service.transport.http import FROM_HEADER, SECRET_HEADER
+
+log = logging.getLogger("dsync.queue")
+
+INTERNAL = "/internal/v1/queue"
+MSGPACK = "application/msgpack"
+PUBLISH_TIMEOUT_SECONDS = 5.0
+REPLICATE_TIMEOUT_SECONDS = 2.0
+RPC_TIMEOUT_SECONDS = 3.0
+MAX_OPS_PER_ITEM = 5_000
+# A follower behind for this long leaves the ISR (publishes stop waiting for it).
+ISR_LAG_SECONDS = 1.0
+# A node not heard from (Raft traffic) for this long has its partitions moved away.
+DEAD_AFTER_SECONDS = 0.8
+CONTROL_INTERVAL_SECONDS = 0.1
+TRIM_INTERVAL_SECONDS = 1.0
+LONG_POLL_SLICE_SECONDS = 0.1
+REMOTE_POLL_SECONDS = 0.5
+HEARTBEAT_SECONDS = 0.2
+# A follower node that answered no replication call for this long leaves the ISR.
+PEER_DOWN_SECONDS = 0.7
+
+
+class QueueError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    id: str
+    receipt: str
+    partition: int
+    key: str | None
+    body: str  # JSON text
+    delivery_count: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.id, self.receipt, self.partition, self.key, self.body, self.delivery_count]
+
+    @staticmethod
+    def from_wire(raw: Sequence[Any]) -> Delivered:
+        return Delivered(str(raw[0]), str(raw[1]), int(raw[2]), raw[3], str(raw[4]), int(raw[5]))
+
+
+def make_receipt(partition: int, offset: int, count: int) -> str:
+    return f"{partition}.{offset}.{count}"
+
+
+def parse_receipt(receipt: object) -> tuple[int, int, int]:
+    if not isinstance(receipt, str):
+        raise ValueError("a receipt is a string")
+    parts = receipt.split(".")
+    if len(parts) != 3 or not all(p.isdigit() and len(p) < 19 for p in parts):
+        raise ValueError(f"malformed receipt {receipt[:64]!r}")
+    partition, offset, count = (int(p) for p in parts)
+    return partition, offset, count
+
+
+class QueueServiceBase:
+    def __init__(self, node_id: str, metrics: NodeMetrics, store: PartitionStore) -> None:
+        self.node_id = node_id
+        self.metrics = metrics
+        self.store = store
+        self.meta = QueueMetaMachine()
+        self.runner: RaftRunner | None = None
+        self.peer_urls: dict[str, str] = {}
+        self.secret: str | None = None
+        self.replicas: dict[tuple[str, int], PartitionReplica] = {}
+        self._loading: dict[tuple[str, int], asyncio.Future[PartitionReplica]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._wake: dict[str, asyncio.Event] = {}
+        self._reconcile_needed = asyncio.Event()
+        self._counters: dict[str, int] = {}
+        self._rotation = itertools.count()
+        self._moving: set[tuple[str, int, int]] = set()
+        self._isr_changing: set[tuple[str, int, int]] = set()
+        self._leader_since = 0.0
+        self._stopping = False
+        self._rng = random.Random()
+        self._group_flusher: GroupFlusher | None = None
+        self._peer_ok: dict[str, float] = {}  # loop time of each peer's last good reply
+        self._started_at = 0.0
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _replica(self, queue: str, partition: int) -> PartitionReplica:
+        key = (queue, partition)
+        replica = self.replicas.get(key)
+        if replica is not None:
+            return replica
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(queue, partition))
+            self._loading[key] = loading
+        try:
+            return await asyncio.shield(loading)
+        finally:
+            self._loading.pop(key, None)
+
+    async def _load(self, queue: str, partition: int) -> PartitionReplica:
+        state, position = await self.store.load(queue, partition)
+        replica = PartitionReplica(
+            self.node_id, queue, partition, state, position, self.store, self._flusher()
+        )
+        replica.on_ops = self._ops_ready
+        self.replicas[(queue, partition)] = replica
+        return replica
+
+    def _flusher(self) -> GroupFlusher:
+        if self._group_flusher is None or self._group_flusher.store is not self.store:
+            self._group_flusher = GroupFlusher(self.store)
+        return self._group_flusher
+
+    def _ops_ready(self, replica: PartitionReplica) -> None:
+        meta = self.meta.get(replica.queue)
+        if meta is None:
+            return
+        for peer in meta.partitions[replica.partition].replicas:
+            event = self._wake.get(peer)
+            if event is not None:
+                event.set()
+
+    def _leading(self, queue: str, partition: int) -> PartitionReplica:
+        replica = self.replicas.get((queue, partition))
+        meta = self.meta.get(queue)
+        if (
+            replica is None
+            or meta is None
+            or not replica.leading
+            or meta.partitions[partition].epoch != replica.leader_epoch
+        ):
+            raise NotPartitionLeader(f"{queue}/{partition}")
+        return replica
+
+    def led_partitions(self, queue: str) -> list[PartitionReplica]:
+        meta = self.meta.get(queue)
+        if meta is None:
+            return []
+        out = []
+        for index, part in enumerate(meta.partitions):
+            replica = self.replicas.get((queue, index))
+            if replica is not None and replica.leading and replica.leader_epoch == part.epoch:
+                out.append(replica)
+        return out
+
+    def voters(self) -> list[str]:
+        runner = self.runner
+        if runner is None:
+            return [self.node_id]
+        return sorted(runner.core.status().voters)
+
+    # --- metadata proposals ------------------------------------------------------------
+
+    async def propose_meta(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        runner = self.runner
+        if runner is None:
+            raise QueueError(503, "unavailable", "node is starting")
+        deadline = time.monotonic() + PUBLISH_TIMEOUT_SECONDS
+        while True:
+            leader = runner.core.leader
+            try:
+                if leader == self.node_id:
+                    result = await runner.propose(Command(op, args), PUBLISH_TIMEOUT_SECONDS)
+                    return dict(result)
+                if leader is not None:
+                    status, reply = await self._rpc(leader, "propose", {"op": op, "args": args})
+                    if status == 200 and isinstance(reply, dict):
+                        return reply
+            except (RaftError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+                log.debug("meta proposal failed", extra={"op": op, "error": repr(exc)})
+            if time.monotonic() >= deadline:
+                raise QueueError(503, "no_leader", "no Raft leader to commit the change; retry")
+            await asyncio.sleep(0.05)
+
+    async def propose_here(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """For the internal RPC: only queue metadata ops, only on the Raft leader."""
+        if not op.startswith("queue."):
+            raise QueueError(400, "bad_request", f"not a queue op: {op!r}")
+        runner = self.runner
+        if runner is None or runner.core.role != Role.LEADER:
+            raise QueueError(409, "not_leader", "not the Raft leader")
+        result = await runner.propose(Command(op, args), PUBLISH_TIMEOUT_SECONDS)
+        return dict(result)
+
+    # --- internal RPC ------------------------------------------------------------------
+
+    async def _rpc(self, node: str, name: str, body: dict[str, Any],
+                   timeout: float = RPC_TIMEOUT_SECONDS) -> tuple[int, Any]:
+        url = self.peer_urls.get(node)
+        if url is None or self._session is None:
+            raise aiohttp.ClientError(f"no address for {node}")
+        headers = {"Content-Type": MSGPACK, FROM_HEADER: self.node_id}
+        if self.secret:
+            headers[SECRET_HEADER] = self.secret
+        data = msgpack.packb(body, use_bin_type=True)
+        async with self._session.post(
+            f"{url}{INTERNAL}/{name}", data=data, headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as response:
+            raw = await response.read()
+            if response.content_type == MSGPACK:
+                return response.status, msgpack.unpackb(raw, raw=False, strict_map_key=False)
+            return response.status, {}

@@ -1,0 +1,160 @@
+"""Queue control: in-sync replica sets, partition leader moves, trimming, gauges.
+
+Partition leaders shrink the ISR when a follower is unreachable or lags, and grow it
+again once the follower has caught up; the Raft leader moves leadership of a dead node's
+partitions to live ISR members (a new epoch) and back to the preferred replica later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from service.queue.base import (
+    CONTROL_INTERVAL_SECONDS,
+    DEAD_AFTER_SECONDS,
+    ISR_LAG_SECONDS,
+    PEER_DOWN_SECONDS,
+    PUBLISH_TIMEOUT_SECONDS,
+    TRIM_INTERVAL_SECONDS,
+    QueueError,
+    QueueServiceBase,
+    log,
+)
+from service.queue.meta import PartitionMeta
+from service.raft.core import RaftError, Role
+from service.statemachine import Command
+
+
+class ControlMixin(QueueServiceBase):
+    # --- maintenance: ISR, leader moves, trimming, gauges ------------------------------
+
+    async def _maintenance(self) -> None:
+        last_trim = 0.0
+        while not self._stopping:
+            await asyncio.sleep(CONTROL_INTERVAL_SECONDS)
+            loop_time = asyncio.get_running_loop().time()
+            try:
+                self._check_isr(loop_time)
+                if self.runner is not None and self.runner.core.role == Role.LEADER:
+                    self._control(loop_time)
+                if loop_time - last_trim >= TRIM_INTERVAL_SECONDS:
+                    last_trim = loop_time
+                    self._trim_and_gauge()
+            except Exception:
+                log.exception("queue maintenance failed")
+
+    def _check_isr(self, now: float) -> None:
+        for (queue, partition), replica in list(self.replicas.items()):
+            if not replica.leading:
+                continue
+            meta = self.meta.get(queue)
+            if meta is None:
+                continue
+            part = meta.partitions[partition]
+            if part.epoch != replica.leader_epoch:
+                continue
+            for follower in part.replicas:
+                if follower == self.node_id:
+                    continue
+                reachable = (
+                    now - max(self._peer_ok.get(follower, 0.0), self._started_at)
+                    < PEER_DOWN_SECONDS
+                )
+                if reachable and replica.follower_acked.get(follower, -1) >= replica.position.seq:
+                    replica.follower_caught_up_at[follower] = now
+                caught_up_at = replica.follower_caught_up_at.get(follower, -math.inf)
+                if follower in part.isr and (
+                    not reachable or now - caught_up_at > ISR_LAG_SECONDS
+                ):
+                    isr = [n for n in part.isr if n != follower]
+                    self._change_isr(queue, partition, part, isr)
+                elif (
+                    follower not in part.isr
+                    and reachable
+                    and now - caught_up_at < ISR_LAG_SECONDS / 2
+                ):
+                    isr = [n for n in part.replicas if n in part.isr or n == follower]
+                    self._change_isr(queue, partition, part, isr)
+
+    def _change_isr(self, queue: str, partition: int, part: PartitionMeta,
+                    isr: list[str]) -> None:
+        key = (queue, partition, part.epoch)
+        if key in self._isr_changing:
+            return
+        self._isr_changing.add(key)
+
+        async def change() -> None:
+            try:
+                await self.propose_meta("queue.isr", {"queue": queue, "partition": partition,
+                                                      "epoch": part.epoch, "isr": isr})
+                log.info("isr changed", extra={"queue": queue, "partition": partition,
+                                               "isr": isr})
+            except QueueError as exc:
+                log.info("isr change failed", extra={"error": exc.message})
+            finally:
+                await asyncio.sleep(0.2)
+                self._isr_changing.discard(key)
+
+        self._spawn(change())
+
+    def _live(self, node: str, now: float) -> bool:
+        if node == self.node_id or self.runner is None:
+            return True
+        heard = self.runner.last_heard.get(node, 0.0)
+        return now - max(heard, self._leader_since) < DEAD_AFTER_SECONDS
+
+    def _control(self, now: float) -> None:
+        """Raft leader: move partitions away from dead leaders, back to preferred ones."""
+        led: dict[str, int] = {}
+        for meta in self.meta.queues():
+            for part in meta.partitions:
+                led[part.leader] = led.get(part.leader, 0) + 1
+        for meta in self.meta.queues():
+            for index, part in enumerate(meta.partitions):
+                target: str | None = None
+                isr = part.isr
+                if not self._live(part.leader, now):
+                    live = [n for n in part.isr if n != part.leader and self._live(n, now)]
+                    if live:
+                        target = min(live, key=lambda n: (led.get(n, 0), part.replicas.index(n)))
+                        isr = tuple(n for n in part.isr if n != part.leader)
+                else:
+                    preferred = part.replicas[0]
+                    if (preferred != part.leader and preferred in part.isr
+                            and self._live(preferred, now)):
+                        target = preferred
+                if target is None:
+                    continue
+                key = (meta.name, index, part.epoch)
+                if key in self._moving:
+                    continue
+                self._moving.add(key)
+                led[target] = led.get(target, 0) + 1
+                self._spawn(self._move(meta.name, index, part, target, isr, key))
+
+    async def _move(self, queue: str, partition: int, part: PartitionMeta, leader: str,
+                    isr: tuple[str, ...], key: tuple[str, int, int]) -> None:
+        try:
+            await self.runner.propose(  # type: ignore[union-attr]
+                Command("queue.move", {"queue": queue, "partition": partition,
+                                       "epoch": part.epoch, "leader": leader,
+                                       "isr": list(isr)}),
+                PUBLISH_TIMEOUT_SECONDS,
+            )
+        except (RaftError, TimeoutError) as exc:
+            log.info("partition move failed", extra={"error": repr(exc)})
+        finally:
+            await asyncio.sleep(0.5)
+            self._moving.discard(key)
+
+    def _trim_and_gauge(self) -> None:
+        for (queue, partition), replica in list(self.replicas.items()):
+            if not replica.leading:
+                continue
+            trim = replica.state.plan_trim()
+            if trim is not None:
+                replica.apply_local([trim])
+            lags = [replica.state.lag(g) for g in replica.state.groups] or [len(replica.state)]
+            self.metrics.queue_lag.labels(self.node_id, queue, str(partition)).set(max(lags))
+
