@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import random
 import sys
 import time
@@ -37,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
-from benchmarks.common import latency_line, local_cluster  # noqa: E402
+from benchmarks.common import latency_line, local_cluster, request_json  # noqa: E402
 
 MAX_OPS_PER_CLIENT = 50_000_000
 
@@ -103,24 +102,10 @@ class Bench:
         self, node: int, method: str, path: str, body: Any = None
     ) -> tuple[int, dict[str, Any], float]:
         """(status, JSON body, ms); status 0 when there was no answer."""
-        started = time.perf_counter()
-        try:
-            async with self.sessions[node].request(
-                method, path, json=body, timeout=aiohttp.ClientTimeout(total=self.args.timeout)
-            ) as response:
-                raw = await response.read()
-                status = response.status
-        except TimeoutError:
-            return 0, {"error": {"code": "timeout"}}, (time.perf_counter() - started) * 1000
-        except (aiohttp.ClientError, OSError) as exc:
-            code = f"connection ({type(exc).__name__})"
-            return 0, {"error": {"code": code}}, (time.perf_counter() - started) * 1000
-        elapsed = (time.perf_counter() - started) * 1000
-        try:
-            parsed = json.loads(raw) if raw else {}
-        except ValueError:
-            parsed = {}
-        return status, parsed if isinstance(parsed, dict) else {}, elapsed
+        status, parsed, seconds = await request_json(
+            self.sessions[node], method, path, body, self.args.timeout
+        )
+        return status, parsed, seconds * 1000
 
     def count_error(self, op: str, status: int, body: dict[str, Any]) -> None:
         if not self.in_window():

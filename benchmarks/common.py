@@ -7,6 +7,7 @@ user passes of a cluster on this machine.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import sys
 import tempfile
@@ -14,7 +15,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -88,3 +91,28 @@ def local_cluster_handle(nodes: int, base_port: int | None) -> Iterator[LocalClu
             with contextlib.suppress(Exception):
                 cluster.kill(i)
         shutil.rmtree(data_root, ignore_errors=True)
+
+
+async def request_json(
+    session: aiohttp.ClientSession, method: str, path: str, body: Any, timeout: float
+) -> tuple[int, dict[str, Any], float]:
+    """(status, JSON object body, seconds); status 0 when there was no answer (a
+    timeout or a connection error, named in the body's error code)."""
+    started = time.perf_counter()
+    try:
+        async with session.request(
+            method, path, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as response:
+            raw = await response.read()
+            status = response.status
+    except TimeoutError:
+        return 0, {"error": {"code": "timeout"}}, time.perf_counter() - started
+    except (aiohttp.ClientError, OSError) as exc:
+        code = f"connection ({type(exc).__name__})"
+        return 0, {"error": {"code": code}}, time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    try:
+        parsed = json.loads(raw) if raw else {}
+    except ValueError:
+        parsed = {}
+    return status, parsed if isinstance(parsed, dict) else {}, elapsed

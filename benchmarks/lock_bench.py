@@ -42,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
-from benchmarks.common import Window, latency_line, local_cluster  # noqa: E402
+from benchmarks.common import Window, latency_line, local_cluster, request_json  # noqa: E402
 
 MAX_CYCLES_PER_CLIENT = 10_000_000
 MAX_SECONDS = 3600.0
@@ -111,24 +111,7 @@ class Bench:
         self, node: int, method: str, path: str, body: dict[str, Any], timeout: float
     ) -> tuple[int, dict[str, Any], float]:
         """(status, JSON body, seconds); status 0 when there was no answer."""
-        started = time.perf_counter()
-        try:
-            async with self.sessions[node].request(
-                method, path, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as response:
-                raw = await response.read()
-                status = response.status
-        except TimeoutError:
-            return 0, {"error": {"code": "timeout"}}, time.perf_counter() - started
-        except (aiohttp.ClientError, OSError) as exc:
-            code = f"connection ({type(exc).__name__})"
-            return 0, {"error": {"code": code}}, time.perf_counter() - started
-        elapsed = time.perf_counter() - started
-        try:
-            parsed = json.loads(raw) if raw else {}
-        except ValueError:
-            parsed = {}
-        return status, parsed if isinstance(parsed, dict) else {}, elapsed
+        return await request_json(self.sessions[node], method, path, body, timeout)
 
     def count_error(self, op: str, status: int, body: dict[str, Any]) -> None:
         if time.monotonic() not in self.window:
