@@ -43,6 +43,7 @@ RemoteCancel = Callable[[str, str, int], Awaitable[Result]]
 PROPOSE_TIMEOUT_SECONDS = 5.0
 # How often an armed leader looks for expired leases and waits.
 EXPIRY_SCAN_SECONDS = 0.05
+HELD_GAUGE_SECONDS = 1.0
 # At most this many expiry proposals in flight: a mass expiry must not starve clients.
 MAX_EXPIRIES_IN_FLIGHT = 256
 # The cancel of a timed-out wait is retried this long before the outcome is "unknown".
@@ -310,9 +311,14 @@ class LockService:
             return
 
     async def _scan_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        gauge_due = 0.0
         while not self._stopping:
             await asyncio.sleep(EXPIRY_SCAN_SECONDS)
-            self.metrics.lock_held.labels(self.node_id).set(self.machine.held_count())
+            if loop.time() >= gauge_due:
+                # Counting walks every lock (free ones included): once a second is plenty.
+                gauge_due = loop.time() + HELD_GAUGE_SECONDS
+                self.metrics.lock_held.labels(self.node_id).set(self.machine.held_count())
             if self.armed:
                 self._propose_expiries(now_ms())
 
