@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import fakeredis
 import pytest
 from redis.asyncio import Redis
 
@@ -26,7 +25,7 @@ from service.cache.store import (
     RedisCacheStore,
 )
 from service.storage.embedded import EmbeddedRedis
-from tests.helpers.redis_server import redis_server, running_redis, wait_gone
+from tests.helpers.redis_server import redis_connector, redis_server, running_redis, wait_gone
 
 NODE = "n1"
 M_LINE = {"state": "M", "version": "3", "txn": "7", "value": '{"a":1}'}
@@ -64,16 +63,7 @@ async def backend(
         opened.reopen = reopen_memory
         yield opened
         return
-    if request.param == "fakeredis":
-        server = fakeredis.FakeServer()
-
-        def connect() -> Redis:
-            return fakeredis.FakeAsyncRedis(server=server)
-    else:
-
-        def connect() -> Redis:
-            return Redis.from_url(real_redis.url)
-
+    connect = redis_connector(request.param, real_redis)
     client = connect()
     await client.flushall()
     opened = Backend(request.param, RedisCacheStore(client), _noop, client)

@@ -11,10 +11,13 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+
+import fakeredis
+from redis.asyncio import Redis
 
 from service.storage.embedded import EmbeddedRedis
 
@@ -99,3 +102,15 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def redis_connector(kind: str, real: EmbeddedRedis) -> Callable[[], Redis]:
+    """How a contract suite opens (and re-opens, as a restarted node would) the Redis it
+    runs on: "fakeredis" (one in-process server shared by every connection) or "redis"
+    (the real server)."""
+    if kind == "fakeredis":
+        server = fakeredis.FakeServer()
+        return lambda: fakeredis.FakeAsyncRedis(server=server)
+    if kind == "redis":
+        return lambda: Redis.from_url(real.url)
+    raise ValueError(f"no Redis of kind {kind!r}")

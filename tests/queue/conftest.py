@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
-import fakeredis
 import pytest
 from redis.asyncio import Redis
 
 from service.queue.store import MemoryPartitionStore, PartitionStore, RedisPartitionStore
 from service.storage.embedded import EmbeddedRedis
+from tests.helpers.redis_server import redis_connector
 from tests.storage.conftest import shared_redis
 
 __all__ = ["StoreBackend", "shared_redis"]
@@ -68,10 +68,7 @@ async def _redis(name: str, connect: Callable[[], Redis]) -> AsyncIterator[Store
 def _open(kind: str, real: EmbeddedRedis) -> AbstractAsyncContextManager[StoreBackend]:
     if kind == "memory":
         return _memory()
-    if kind == "fakeredis":
-        server = fakeredis.FakeServer()
-        return _redis(kind, lambda: fakeredis.FakeAsyncRedis(server=server))
-    return _redis(kind, lambda: Redis.from_url(real.url))
+    return _redis(kind, redis_connector(kind, real))
 
 
 @pytest.fixture(params=["memory", "fakeredis", "redis"])

@@ -4,7 +4,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
-import fakeredis
 import pytest
 from redis.asyncio import Redis
 
@@ -12,7 +11,7 @@ from service.storage.embedded import EmbeddedRedis
 from service.storage.memory import InMemoryRaftStorage, InMemoryStateStore
 from service.storage.protocols import RaftStorage, StateStore
 from service.storage.redis_store import RedisRaftStorage, RedisStateStore
-from tests.helpers.redis_server import redis_server
+from tests.helpers.redis_server import redis_connector, redis_server
 
 
 @pytest.fixture(scope="session")
@@ -76,10 +75,7 @@ async def _redis_backend(name: str, connect: Callable[[], Redis]) -> AsyncIterat
 def _open(kind: str, real: EmbeddedRedis) -> AbstractAsyncContextManager[Backend]:
     if kind == "memory":
         return _memory_backend()
-    if kind == "fakeredis":
-        server = fakeredis.FakeServer()
-        return _redis_backend(kind, lambda: fakeredis.FakeAsyncRedis(server=server))
-    return _redis_backend(kind, lambda: Redis.from_url(real.url))
+    return _redis_backend(kind, redis_connector(kind, real))
 
 
 # shared_redis is a direct dependency (not requested lazily) so the sync session fixture
