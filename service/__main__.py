@@ -17,6 +17,14 @@ from pathlib import Path
 from service.cluster import LocalCluster, cluster_ports, port_free
 
 
+def _stop_on_signal(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(0)
+
+
 def cluster_up(nodes: int, base_port: int, data_root: Path) -> int:
     cluster = LocalCluster(
         size=nodes,
@@ -33,9 +41,12 @@ def cluster_up(nodes: int, base_port: int, data_root: Path) -> int:
             file=sys.stderr,
         )
         return 1
-    # SIGTERM (kill, a supervisor) must stop the nodes too, not orphan them: turn it into
-    # SystemExit so the finally below runs, as it does for Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # SIGTERM (kill, a supervisor) must stop the nodes too, not orphan them: it becomes
+    # SystemExit so the finally below runs, as Ctrl-C does. Either signal ignores further
+    # ones at once: a second one (`timeout` forwarding the TERM it got, an impatient
+    # Ctrl-C) would otherwise cut the shutdown short.
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    signal.signal(signal.SIGINT, _stop_on_signal)
     print(f"dsync: starting {nodes} nodes, data in {data_root}/", flush=True)
     cluster.start()
     try:
