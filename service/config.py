@@ -62,6 +62,7 @@ Mode = Literal["cluster", "single"]
 LogFormat = Literal["json", "text"]
 _MODES: tuple[str, ...] = get_args(Mode)
 _LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
+_CACHE_POLICIES: tuple[str, ...] = ("lru", "lfu")
 
 
 class ConfigError(ValueError):
@@ -197,6 +198,36 @@ class Settings:
             f"PORT+{REDIS_PORT_OFFSET}",
             f"Port of the embedded redis-server on 127.0.0.1 (PORT-{REDIS_PORT_OFFSET} when "
             f"PORT+{REDIS_PORT_OFFSET} would pass 65535); unused when REDIS_URL is set.",
+        ),
+    )
+
+    cache_max_entries: int = field(
+        default=10_000,
+        metadata=_opt(
+            "CACHE_MAX_ENTRIES", "10000", "Lines this node's cache holds before it evicts."
+        ),
+    )
+    cache_max_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_opt(
+            "CACHE_MAX_BYTES",
+            "67108864",
+            "Bytes of values this node's cache holds before it evicts (64 MiB).",
+        ),
+    )
+    cache_policy: str = field(
+        default="lru",
+        metadata=_opt(
+            "CACHE_POLICY", "lru", "Which line the cache evicts first: `lru` or `lfu`."
+        ),
+    )
+    cache_lease_ms: int = field(
+        default=5_000,
+        metadata=_opt(
+            "CACHE_LEASE_MS",
+            "5000",
+            "How long a shared cache line serves reads without asking its home; a write "
+            "waits at most this long for a sharer that does not answer.",
         ),
     )
 
@@ -473,6 +504,13 @@ def load_settings(
         snapshot_threshold=integer("SNAPSHOT_THRESHOLD", 1, 10**9, _DEFAULTS.snapshot_threshold),
         max_body_bytes=integer("MAX_BODY_BYTES", 1024, 1 << 30, _DEFAULTS.max_body_bytes),
         redis_port=redis_port,
+        cache_max_entries=integer("CACHE_MAX_ENTRIES", 1, 10**8, _DEFAULTS.cache_max_entries),
+        cache_max_bytes=integer("CACHE_MAX_BYTES", 1024, 1 << 40, _DEFAULTS.cache_max_bytes),
+        cache_policy=_parse_choice(
+            "CACHE_POLICY", raw.get("CACHE_POLICY", _DEFAULTS.cache_policy), _CACHE_POLICIES,
+            upper=False,
+        ),
+        cache_lease_ms=integer("CACHE_LEASE_MS", 100, 600_000, _DEFAULTS.cache_lease_ms),
     )
 
 

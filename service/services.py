@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from service.cache.service import CacheService
+from service.cache.service import CacheService, CacheSettings
 from service.cache.store import MemoryCacheStore
 from service.clock import now_ms
 from service.locks.service import LockService, LockUnavailable
@@ -59,6 +59,19 @@ def install_services(node: Node) -> None:
     node.services.append(queues)
 
     # Likewise: the node gives the cache its Redis-backed store before attach.
-    cache = CacheService(node.node_id, node.metrics, MemoryCacheStore())
+    settings = node.settings
+    cache = CacheService(
+        node.node_id,
+        node.metrics,
+        MemoryCacheStore(),
+        CacheSettings(
+            max_entries=settings.cache_max_entries,
+            max_bytes=settings.cache_max_bytes,
+            policy="lfu" if settings.cache_policy == "lfu" else "lru",
+            lease_ms=settings.cache_lease_ms,
+            # A write must be able to wait out one lease of a sharer that does not answer.
+            write_timeout_ms=max(7_000, settings.cache_lease_ms + 2_000),
+        ),
+    )
     node.cache = cache
     node.services.append(cache)

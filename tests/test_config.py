@@ -678,3 +678,18 @@ def test_setup_logging_rejects_bad_values(
 ) -> None:
     with pytest.raises(ValueError):
         setup_logging("node1", level, fmt)
+
+
+# --- cache settings --------------------------------------------------------------------------
+
+
+def test_cache_settings_are_read_and_checked() -> None:
+    settings = load({"NODE_ID": "n", "CACHE_MAX_ENTRIES": "500", "CACHE_MAX_BYTES": "2048",
+                     "CACHE_POLICY": "LFU", "CACHE_LEASE_MS": "800"})
+    assert (settings.cache_max_entries, settings.cache_max_bytes, settings.cache_policy,
+            settings.cache_lease_ms) == (500, 2048, "lfu", 800)
+    assert error_of({"NODE_ID": "n", "CACHE_POLICY": "fifo"}) == (
+        "CACHE_POLICY: 'fifo' is not one of lru, lfu"
+    )
+    assert error_of({"NODE_ID": "n", "CACHE_MAX_ENTRIES": "0"}).startswith("CACHE_MAX_ENTRIES")
+    assert error_of({"NODE_ID": "n", "CACHE_LEASE_MS": "5"}).startswith("CACHE_LEASE_MS")
