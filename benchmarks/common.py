@@ -1,13 +1,15 @@
 """What the benchmarks share: a local cluster to measure, time windows, percentiles.
 
 Benchmarks only ever target 127.0.0.1: the cluster they start themselves, or the URLs a
-user passes of a cluster on this machine.
+user passes of a cluster on this machine. The nodes they start log at WARNING; set
+BENCH_LOG_LEVEL=INFO to keep their full logs (in each node's data directory).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -73,7 +75,7 @@ def local_cluster_handle(nodes: int, base_port: int | None) -> Iterator[LocalClu
         base_port=base_port if base_port is not None else free_base_port(nodes),
         data_root=data_root,
         log_to_files=True,
-        extra_env={"LOG_LEVEL": "WARNING"},
+        extra_env={"LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING")},
     )
     started = time.monotonic()
     cluster.start()
