@@ -1,0 +1,45 @@
+"""The queue and cache benchmarks run and print their figures (on a small scale; the
+figures themselves are measured with the defaults, see the README)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.cluster import LocalCluster
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(script: str, c: LocalCluster, *args: str) -> str:
+    urls = ",".join(node.url for node in c.nodes)
+    command = [sys.executable, f"benchmarks/{script}", "--url", urls, "--seconds", "2",
+               "--warmup", "0.3", *args]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=90)
+    print(done.stdout, done.stderr[-3000:])
+    assert done.returncode == 0
+    return done.stdout
+
+
+def test_queue_bench_reports_throughput_and_latency(c: LocalCluster) -> None:
+    out = run("queue_bench.py", c, "--producers", "4", "--consumers", "4", "--batch", "5")
+    published = re.search(r"published: (\d+) msgs in .* = ([0-9.]+) msgs/s", out)
+    consumed = re.search(r"consumed and acked: (\d+) msgs", out)
+    assert published is not None and int(published.group(1)) > 0
+    assert consumed is not None and int(consumed.group(1)) > 0
+    assert re.search(r"publish request: n=\d+ p50 [0-9.]+ ms, .*p99 [0-9.]+ ms", out)
+    assert "errors: 0" in out
+
+
+def test_cache_bench_reports_hits_misses_and_writes(c: LocalCluster) -> None:
+    out = run("cache_bench.py", c, "--clients", "8", "--keys", "50")
+    rate = re.search(r"= ([0-9.]+) ops/s", out)
+    assert rate is not None and float(rate.group(1)) > 0
+    assert re.search(r"hit ratio \(reads\): [0-9.]+", out)
+    for label in ("read hits", "writes"):
+        assert re.search(label + r"\s*: n=\d+ p50 [0-9.]+ ms", out), label
