@@ -25,7 +25,13 @@ from service.cache.store import (
     RedisCacheStore,
 )
 from service.storage.embedded import EmbeddedRedis
-from tests.helpers.redis_server import redis_connector, redis_server, running_redis, wait_gone
+from tests.helpers.redis_server import (
+    fresh_redis,
+    redis_connector,
+    redis_server,
+    running_redis,
+    wait_gone,
+)
 
 NODE = "n1"
 M_LINE = {"state": "M", "version": "3", "txn": "7", "value": '{"a":1}'}
@@ -63,23 +69,16 @@ async def backend(
         opened.reopen = reopen_memory
         yield opened
         return
-    connect = redis_connector(request.param, real_redis)
-    client = connect()
-    await client.flushall()
-    opened = Backend(request.param, RedisCacheStore(client), _noop, client)
+    async with fresh_redis(redis_connector(request.param, real_redis)) as handle:
+        client = handle.client
+        opened = Backend(request.param, RedisCacheStore(client), _noop, client)
 
-    async def reopen_redis() -> None:
-        assert opened.redis is not None
-        await opened.redis.aclose()
-        opened.redis = connect()
-        opened.store = RedisCacheStore(opened.redis)
+        async def reopen_redis() -> None:
+            opened.redis = await handle.reopen()
+            opened.store = RedisCacheStore(opened.redis)
 
-    opened.reopen = reopen_redis
-    try:
+        opened.reopen = reopen_redis
         yield opened
-    finally:
-        assert opened.redis is not None
-        await opened.redis.aclose()
 
 
 async def _noop() -> None:

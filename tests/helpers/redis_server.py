@@ -114,3 +114,28 @@ def redis_connector(kind: str, real: EmbeddedRedis) -> Callable[[], Redis]:
     if kind == "redis":
         return lambda: Redis.from_url(real.url)
     raise ValueError(f"no Redis of kind {kind!r}")
+
+
+class RedisHandle:
+    """One client of a contract suite's Redis, replaceable as a restarted node's would be."""
+
+    def __init__(self, connect: Callable[[], Redis]) -> None:
+        self._connect = connect
+        self.client = connect()
+
+    async def reopen(self) -> Redis:
+        """A new connection: nothing may be remembered by the old objects or socket."""
+        await self.client.aclose()
+        self.client = self._connect()
+        return self.client
+
+
+@asynccontextmanager
+async def fresh_redis(connect: Callable[[], Redis]) -> AsyncIterator[RedisHandle]:
+    """A flushed Redis for one test, its current client closed at the end."""
+    handle = RedisHandle(connect)
+    await handle.client.flushall()
+    try:
+        yield handle
+    finally:
+        await handle.client.aclose()

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from service.queue.store import MemoryPartitionStore, PartitionStore, RedisPartitionStore
 from service.storage.embedded import EmbeddedRedis
-from tests.helpers.redis_server import redis_connector
+from tests.helpers.redis_server import fresh_redis, redis_connector
 from tests.storage.conftest import shared_redis
 
 __all__ = ["StoreBackend", "shared_redis"]
@@ -47,22 +47,16 @@ async def _memory() -> AsyncIterator[StoreBackend]:
 
 @asynccontextmanager
 async def _redis(name: str, connect: Callable[[], Redis]) -> AsyncIterator[StoreBackend]:
-    client = connect()
-    await client.flushall()
-    backend = StoreBackend(name, RedisPartitionStore(client), _noop, connect, client)
+    async with fresh_redis(connect) as handle:
+        client = handle.client
+        backend = StoreBackend(name, RedisPartitionStore(client), _noop, connect, client)
 
-    async def reopen() -> None:
-        assert backend.redis is not None
-        await backend.redis.aclose()
-        backend.redis = connect()
-        backend.store = RedisPartitionStore(backend.redis)
+        async def reopen() -> None:
+            backend.redis = await handle.reopen()
+            backend.store = RedisPartitionStore(backend.redis)
 
-    backend.reopen = reopen
-    try:
+        backend.reopen = reopen
         yield backend
-    finally:
-        assert backend.redis is not None
-        await backend.redis.aclose()
 
 
 def _open(kind: str, real: EmbeddedRedis) -> AbstractAsyncContextManager[StoreBackend]:

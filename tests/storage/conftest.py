@@ -11,7 +11,7 @@ from service.storage.embedded import EmbeddedRedis
 from service.storage.memory import InMemoryRaftStorage, InMemoryStateStore
 from service.storage.protocols import RaftStorage, StateStore
 from service.storage.redis_store import RedisRaftStorage, RedisStateStore
-from tests.helpers.redis_server import redis_connector, redis_server
+from tests.helpers.redis_server import fresh_redis, redis_connector, redis_server
 
 
 @pytest.fixture(scope="session")
@@ -52,24 +52,17 @@ async def _noop() -> None:
 
 @asynccontextmanager
 async def _redis_backend(name: str, connect: Callable[[], Redis]) -> AsyncIterator[Backend]:
-    client = connect()
-    await client.flushall()
-    backend = Backend(name, RedisRaftStorage(client), RedisStateStore(client), _noop, client)
+    async with fresh_redis(connect) as handle:
+        client = handle.client
+        backend = Backend(name, RedisRaftStorage(client), RedisStateStore(client), _noop, client)
 
-    async def reopen() -> None:
-        # A new connection too: nothing may be remembered by the old objects or socket.
-        assert backend.redis is not None
-        await backend.redis.aclose()
-        backend.redis = connect()
-        backend.raft = RedisRaftStorage(backend.redis)
-        backend.state = RedisStateStore(backend.redis)
+        async def reopen() -> None:
+            backend.redis = await handle.reopen()
+            backend.raft = RedisRaftStorage(backend.redis)
+            backend.state = RedisStateStore(backend.redis)
 
-    backend.reopen = reopen
-    try:
+        backend.reopen = reopen
         yield backend
-    finally:
-        assert backend.redis is not None
-        await backend.redis.aclose()
 
 
 def _open(kind: str, real: EmbeddedRedis) -> AbstractAsyncContextManager[Backend]:
