@@ -27,7 +27,7 @@ from service.metrics import NodeMetrics
 from service.raft.core import RaftCore, RaftError, RaftStatus, Role
 from service.raft.messages import EntryKind, Message, Ready, Snapshot
 from service.statemachine import Command
-from service.storage.protocols import HashWrite, RaftStorage, StateStore
+from service.storage.protocols import HashWrite, RaftStorage, StateStore, merge_hash_writes
 
 log = logging.getLogger("dsync.raft")
 
@@ -83,6 +83,7 @@ class RaftRunner:
         *,
         tick_seconds: float = 0.05,
         snapshot_threshold: int = 10_000,
+        state_write_delay: float = 0.01,
         retryable_errors: tuple[type[BaseException], ...] = (
             ConnectionError,
             OSError,
@@ -96,6 +97,7 @@ class RaftRunner:
         self.metrics = metrics
         self.tick_seconds = tick_seconds
         self.snapshot_threshold = snapshot_threshold
+        self.state_write_delay = state_write_delay
         self.storage_retry_seconds = 5.0
         self.retryable_errors = retryable_errors
         self.transport: Sender | None = None
@@ -366,8 +368,12 @@ class RaftRunner:
 
     async def _write_state(self) -> None:
         while self._state_batches:
+            if self.state_write_delay > 0 and not self._stopping:
+                # Let a few apply batches gather: one transaction (and one wake-up of
+                # Redis) for several, each key written once. Nobody waits on this write.
+                await asyncio.sleep(self.state_write_delay)
             batches, self._state_batches = self._state_batches, []
-            writes = [w for batch, _ in batches for w in batch]
+            writes = merge_hash_writes([w for batch, _ in batches for w in batch])
             applied = batches[-1][1]
             try:
                 async for attempt in AsyncRetrying(
@@ -380,8 +386,11 @@ class RaftRunner:
                         await self.state.apply(writes, applied)
             except Exception as exc:
                 self.fatal_error = exc
-                log.critical("applied state could not be written; node stops", exc_info=exc,
-                             extra={"error": str(exc)})
+                log.critical(
+                    "applied state could not be written; node stops",
+                    exc_info=exc,
+                    extra={"error": str(exc)},
+                )
                 self._fail_everything(RunnerStopped(f"state write failed: {exc}"))
                 self._stopping = True
                 self._wake.set()

@@ -79,6 +79,23 @@ class HashWrite:
     drop: bool = False
 
 
+def merge_hash_writes(writes: Sequence[HashWrite]) -> list[HashWrite]:
+    """The same changes in one write per key: applying the result has the effect of
+    applying `writes` in order. Fewer, larger commands when a background writer has
+    fallen a few batches behind (a lock acquired and released in between is one write)."""
+    merged: dict[str, HashWrite] = {}
+    for write in writes:
+        before = merged.get(write.key)
+        if before is None or write.drop:
+            merged[write.key] = write
+            continue
+        fields = {k: v for k, v in before.fields.items() if k not in write.deleted}
+        fields.update(write.fields)
+        deleted = {*before.deleted, *write.deleted}.difference(write.fields)
+        merged[write.key] = HashWrite(write.key, fields, tuple(sorted(deleted)), before.drop)
+    return list(merged.values())
+
+
 class StateStore(Protocol):
     """Applied state, materialised as Redis hashes an operator can read with redis-cli."""
 
