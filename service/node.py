@@ -34,6 +34,7 @@ from service.statemachine import StateMachine
 from service.storage.embedded import EmbeddedRedis
 from service.storage.migrate import migrate
 from service.storage.redis_store import RedisRaftStorage, RedisStateStore
+from service.transport.calls import CallBatcher
 from service.transport.forward import LeaderClient
 from service.transport.http import HttpTransport
 
@@ -57,6 +58,7 @@ class Node:
     runner: RaftRunner | None = None
     transport: HttpTransport | None = None
     forwarder: LeaderClient | None = None
+    calls: CallBatcher | None = None
     kv: KvStateMachine = field(default_factory=KvStateMachine)
     # request_id -> result of every command that carried one (exactly-once retries).
     dedup: DedupTable = field(default_factory=DedupTable)
@@ -239,6 +241,7 @@ class Node:
             retry_deadline=0.25,
             connections_per_host=128,
         )
+        self.calls = CallBatcher(self.node_id, secret=settings.cluster_secret)
         await self.transport.start()
         if self.queues is not None:
             assert self.redis is not None
@@ -300,6 +303,8 @@ class Node:
             await self.transport.close()
         if self.forwarder is not None:
             await self.forwarder.close()
+        if self.calls is not None:
+            await self.calls.close()
         if self._site_runner is not None:
             await self._site_runner.cleanup()
         if self.redis is not None:

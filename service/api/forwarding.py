@@ -56,7 +56,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
         return error_response(503, "no_leader", "no stable leader right now; retry shortly")
     body = await request.read()
     parsed = _parse(body)
-    idempotent = _is_idempotent(request, parsed)
+    idempotent = is_idempotent_body(request, parsed)
     headers = {HOPS_HEADER: str(hops + 1)}
     if "X-Request-Id" in request.headers:
         headers["X-Request-Id"] = request.headers["X-Request-Id"]
@@ -86,7 +86,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
             )
         except ForwardError as exc:
             if (exc.maybe_applied and not idempotent) or loop.time() >= deadline:
-                return _forward_failed(leader, exc.maybe_applied)
+                return forward_failed(leader, exc.maybe_applied)
             # The leader we knew is gone; once another is elected, send it there (safe:
             # it never reached the old leader, or it carries a request_id).
             failed_leader = leader
@@ -94,7 +94,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
         return web.Response(status=status, body=payload, content_type="application/json")
 
 
-def _forward_failed(leader: str, maybe_applied: bool) -> web.Response:
+def forward_failed(leader: str, maybe_applied: bool) -> web.Response:
     if maybe_applied:
         return error_response(
             503,
@@ -127,7 +127,8 @@ def _wait_seconds(parsed: Any) -> float:
     return 0.0
 
 
-def _is_idempotent(request: web.Request, parsed: Any) -> bool:
+def is_idempotent_body(request: web.Request, parsed: Any) -> bool:
+    """True when repeating the request cannot apply it twice (a read, or a request_id)."""
     if request.method in ("GET", "HEAD"):
         return True
     if "X-Request-Id" in request.headers:

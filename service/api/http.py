@@ -71,7 +71,12 @@ def field_int(body: dict[str, Any], name: str, default: int, low: int, high: int
 
 
 def request_id_of(request: web.Request, body: dict[str, Any]) -> str | None:
-    rid = body.get("request_id", request.headers.get("X-Request-Id"))
+    return request_id_from(body, request.headers.get("X-Request-Id"))
+
+
+def request_id_from(body: dict[str, Any], header: str | None) -> str | None:
+    """The body's request_id, else the X-Request-Id header's; 400 when malformed."""
+    rid = body.get("request_id", header)
     if rid is None:
         return None
     if not isinstance(rid, str) or not rid or len(rid) > 128:
@@ -79,28 +84,35 @@ def request_id_of(request: web.Request, body: dict[str, Any]) -> str | None:
     return rid
 
 
-def raft_error_response(exc: Exception) -> web.Response | None:
+def raft_error(exc: Exception) -> ApiError | None:
     """Map consensus-layer failures a client can act on to clear answers."""
     if isinstance(exc, TooManyPending):
-        return error_response(429, "too_busy", str(exc))
+        return ApiError(429, "too_busy", str(exc))
     if isinstance(exc, NotLeader):
-        return error_response(503, "no_leader", "no leader is known right now; retry shortly")
+        return ApiError(503, "no_leader", "no leader is known right now; retry shortly")
     if isinstance(exc, TransferInProgress | RunnerStopped):
-        return error_response(503, "unavailable", f"{exc}; retry shortly")
+        return ApiError(503, "unavailable", f"{exc}; retry shortly")
     if isinstance(exc, ProposalDropped):
-        return error_response(
+        return ApiError(
             503, "unavailable", "leader changed and the request was not applied; retry it"
         )
     if isinstance(exc, TimeoutError):
-        return error_response(
+        return ApiError(
             503,
             "unavailable",
             "timed out waiting for the cluster; the outcome is unknown, retry with the "
             "same request_id to apply it at most once",
         )
     if isinstance(exc, RaftError):
-        return error_response(503, "unavailable", f"{exc}; retry shortly")
+        return ApiError(503, "unavailable", f"{exc}; retry shortly")
     return None
+
+
+def raft_error_response(exc: Exception) -> web.Response | None:
+    mapped = raft_error(exc)
+    if mapped is None:
+        return None
+    return error_response(mapped.status, mapped.code, mapped.message, **mapped.extra)
 
 
 @web.middleware

@@ -8,16 +8,20 @@ Additions to the contract: `POST /v1/locks/{name}/cancel` (give up a wait) and t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from service.api.errors import ApiError, bad_request
 from service.api.forwarding import NODE_KEY, on_leader
-from service.api.http import field_int, field_str, read_json, request_id_of
+from service.api.http import field_int, field_str, read_json, request_id_from
+from service.api.leader_calls import leader_call, run_on_leader
 from service.locks.commands import MAX_NAME_BYTES, MAX_OWNER_BYTES, MAX_TTL_MS
 from service.locks.service import LockService
 from service.locks.table import LockView
+
+if TYPE_CHECKING:
+    from service.node import Node
 
 routes = web.RouteTableDef()
 
@@ -35,8 +39,10 @@ def _service(request: web.Request) -> LockService:
     return locks
 
 
-def _name(request: web.Request, raw: str | None = None) -> str:
-    name = request.match_info["name"] if raw is None else raw
+def _name(request: web.Request | None, raw: str | None = None) -> str:
+    if raw is None and request is not None:
+        raw = request.match_info["name"]
+    name = raw
     if not name:
         raise bad_request("lock name must not be empty")
     size = len(name.encode("utf-8", "surrogatepass"))
@@ -144,68 +150,113 @@ async def _barrier(request: web.Request) -> None:
 # --- /v1/locks -----------------------------------------------------------------------
 
 
+# Writes: the handler reads the body here and the leader-side half (validation included,
+# the leader being the trust boundary) runs on the leader, batched from followers.
+
+
+def _call_args(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": request.match_info.get("name"),
+        "body": body,
+        "rid": request.headers.get("X-Request-Id"),
+    }
+
+
+def _locks_of(node: Node) -> LockService:
+    if node.locks is None:
+        raise ApiError(503, "unavailable", "the lock service is not running on this node")
+    return node.locks
+
+
+def _blocks(body: dict[str, Any]) -> bool:
+    # A blocking acquire can hold its answer for wait_ms: it gets its own forward.
+    return bool(body.get("wait_ms"))
+
+
 @routes.post("/v1/locks/{name}")
-@on_leader
-async def acquire(request: web.Request) -> web.Response:
-    locks = _service(request)
-    name = _name(request)
+async def acquire(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
+    return await run_on_leader(
+        request, "lock.acquire", _call_args(request, body), quick=not _blocks(body)
+    )
+
+
+@leader_call("lock.acquire")
+async def _acquire(node: Node, args: dict[str, Any]) -> dict[str, Any]:
+    locks = _locks_of(node)
+    body = args["body"]
+    name = _name(None, args["name"])
     owner = _owner(body)
     mode = _mode(body)
     ttl_ms = field_int(body, "ttl_ms", DEFAULT_TTL_MS, MIN_TTL_MS, MAX_TTL_MS)
     wait_ms = field_int(body, "wait_ms", 0, 0, MAX_WAIT_MS)
-    result = await locks.acquire(name, owner, mode, ttl_ms, wait_ms, request_id_of(request, body))
+    rid = request_id_from(body, args["rid"])
+    result = await locks.acquire(name, owner, mode, ttl_ms, wait_ms, rid)
     if result.get("status") != "granted":
         _raise_for(result)
-    return web.json_response(_grant_json(locks, result))
+    return _grant_json(locks, result)
 
 
 @routes.delete("/v1/locks/{name}")
-@on_leader
-async def release(request: web.Request) -> web.Response:
-    locks = _service(request)
-    name = _name(request)
+async def release(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
+    return await run_on_leader(request, "lock.release", _call_args(request, body))
+
+
+@leader_call("lock.release")
+async def _release(node: Node, args: dict[str, Any]) -> dict[str, Any]:
+    locks = _locks_of(node)
+    body = args["body"]
+    name = _name(None, args["name"])
     owner = _owner(body)
     token = _token(body)
-    result = await locks.release(name, owner, token, request_id_of(request, body))
+    result = await locks.release(name, owner, token, request_id_from(body, args["rid"]))
     if result.get("status") != "released":
         _raise_for(result)
-    return web.json_response({"released": True})
+    return {"released": True}
 
 
 @routes.post("/v1/locks/{name}/keepalive")
-@on_leader
-async def keepalive(request: web.Request) -> web.Response:
-    locks = _service(request)
-    name = _name(request)
+async def keepalive(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
+    return await run_on_leader(request, "lock.keepalive", _call_args(request, body))
+
+
+@leader_call("lock.keepalive")
+async def _keepalive(node: Node, args: dict[str, Any]) -> dict[str, Any]:
+    locks = _locks_of(node)
+    body = args["body"]
+    name = _name(None, args["name"])
     owner = _owner(body)
     token = _token(body)
     ttl_ms = body.get("ttl_ms")
     if ttl_ms is not None:
         ttl_ms = field_int(body, "ttl_ms", DEFAULT_TTL_MS, MIN_TTL_MS, MAX_TTL_MS)
-    result = await locks.keepalive(name, owner, token, ttl_ms, request_id_of(request, body))
+    rid = request_id_from(body, args["rid"])
+    result = await locks.keepalive(name, owner, token, ttl_ms, rid)
     if result.get("status") != "ok":
         _raise_for(result)
-    return web.json_response(
-        {
-            "name": name,
-            "owner": owner,
-            "token": result["token"],
-            "ttl_ms": result["ttl_ms"],
-            "expires_in_ms": locks.expires_in_ms(result["expires_at_ms"], result["ttl_ms"]),
-        }
-    )
+    return {
+        "name": name,
+        "owner": owner,
+        "token": result["token"],
+        "ttl_ms": result["ttl_ms"],
+        "expires_in_ms": locks.expires_in_ms(result["expires_at_ms"], result["ttl_ms"]),
+    }
 
 
 @routes.post("/v1/locks/{name}/cancel")
-@on_leader
-async def cancel(request: web.Request) -> web.Response:
+async def cancel(request: web.Request) -> web.StreamResponse:
     """Give up a wait. 200 {"cancelled": true}; or the grant, if it came first."""
-    locks = _service(request)
-    name = _name(request)
     body = await read_json(request)
+    return await run_on_leader(request, "lock.cancel", _call_args(request, body))
+
+
+@leader_call("lock.cancel")
+async def _cancel(node: Node, args: dict[str, Any]) -> dict[str, Any]:
+    locks = _locks_of(node)
+    body = args["body"]
+    name = _name(None, args["name"])
     owner = _owner(body)
     seq = body.get("seq")
     if seq is not None:
@@ -213,9 +264,9 @@ async def cancel(request: web.Request) -> web.Response:
     result = await locks.cancel_wait(name, owner, seq)
     status = result.get("status")
     if status == "granted":
-        return web.json_response({"cancelled": False, **_grant_json(locks, result)})
+        return {"cancelled": False, **_grant_json(locks, result)}
     if status == "cancelled":
-        return web.json_response({"cancelled": True})
+        return {"cancelled": True}
     if status == "not_waiting":
         raise ApiError(404, "not_waiting", "this owner is not waiting for the lock")
     _raise_for(result)
@@ -257,41 +308,52 @@ async def validate(request: web.Request) -> web.Response:
 
 
 @routes.post("/lock")
-@on_leader
-async def seed_lock(request: web.Request) -> web.Response:
+async def seed_lock(request: web.Request) -> web.StreamResponse:
     """`{"resource", "owner"}`: an exclusive try-lock with the default TTL."""
-    locks = _service(request)
     body = await read_json(request)
-    name = _name(request, field_str(body, "resource", max_bytes=MAX_NAME_BYTES))
+    return await run_on_leader(
+        request, "lock.seed_lock", _call_args(request, body), quick=not _blocks(body)
+    )
+
+
+@leader_call("lock.seed_lock")
+async def _seed_lock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
+    locks = _locks_of(node)
+    body = args["body"]
+    name = _name(None, field_str(body, "resource", max_bytes=MAX_NAME_BYTES))
     owner = _owner(body)
     ttl_ms = field_int(body, "ttl_ms", DEFAULT_TTL_MS, MIN_TTL_MS, MAX_TTL_MS)
     wait_ms = field_int(body, "wait_ms", 0, 0, MAX_WAIT_MS)
-    result = await locks.acquire(
-        name, owner, "exclusive", ttl_ms, wait_ms, request_id_of(request, body)
-    )
+    rid = request_id_from(body, args["rid"])
+    result = await locks.acquire(name, owner, "exclusive", ttl_ms, wait_ms, rid)
     if result.get("status") != "granted":
         _raise_for(result)
-    return web.json_response({"success": True, "resource": name, **_grant_json(locks, result)})
+    return {"success": True, "resource": name, **_grant_json(locks, result)}
 
 
 @routes.post("/unlock")
-@on_leader
-async def seed_unlock(request: web.Request) -> web.Response:
+async def seed_unlock(request: web.Request) -> web.StreamResponse:
     """`{"resource", "owner"}`: release whatever grant the owner holds (no token needed,
     as in the prototype; the token is looked up on the leader)."""
-    locks = _service(request)
     body = await read_json(request)
-    name = _name(request, field_str(body, "resource", max_bytes=MAX_NAME_BYTES))
+    return await run_on_leader(request, "lock.seed_unlock", _call_args(request, body))
+
+
+@leader_call("lock.seed_unlock")
+async def _seed_unlock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
+    locks = _locks_of(node)
+    body = args["body"]
+    name = _name(None, field_str(body, "resource", max_bytes=MAX_NAME_BYTES))
     owner = _owner(body)
     view = locks.get(name)
     hold = next((h for h in view.holders if h.owner == owner), None) if view else None
     if hold is None:
         _raise_for({"status": "not_held", "name": name})
         raise AssertionError("unreachable")
-    result = await locks.release(name, owner, hold.token, request_id_of(request, body))
+    result = await locks.release(name, owner, hold.token, request_id_from(body, args["rid"]))
     if result.get("status") != "released":
         _raise_for(result)
-    return web.json_response({"success": True, "released": True, "resource": name})
+    return {"success": True, "released": True, "resource": name}
 
 
 @routes.get("/locks")

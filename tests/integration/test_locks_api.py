@@ -274,3 +274,46 @@ def _wait_until(predicate: Any, timeout: float) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+def _post_calls(c: LocalCluster, node: int, payload: bytes) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+
+    import msgpack
+
+    from service.transport.calls import CALLS_PATH, CONTENT_TYPE
+
+    request = urllib.request.Request(
+        c.nodes[node].url + CALLS_PATH,
+        data=payload,
+        method="POST",
+        headers={"Content-Type": CONTENT_TYPE},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, msgpack.unpackb(response.read(), raw=False)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_batched_leader_calls_run_only_on_the_leader(c: LocalCluster) -> None:
+    """The endpoint followers batch quick writes to: only the leader runs them; any other
+    node answers 421 so the caller sends them on; each call is answered on its own."""
+    import msgpack
+
+    leader = c.wait_for_leader(10)
+    follower = (leader + 1) % c.size
+    name = unique("batched")
+    good = ["lock.acquire", {"name": name, "body": {"owner": "a"}, "rid": None}]
+    bad = ["lock.acquire", {"name": name, "body": {"ttl_ms": 1000}, "rid": None}]
+    status, answers = _post_calls(c, follower, msgpack.packb([good]))
+    assert status == 200 and answers[0][0] == 421
+    status, answers = _post_calls(c, leader, msgpack.packb([good, bad, ["no.such", {}], 7]))
+    assert status == 200
+    codes = [a[0] for a in answers]
+    assert codes == [200, 400, 400, 400], answers
+    assert answers[0][1]["owner"] == "a" and answers[0][1]["token"] > 0
+    assert "owner" in answers[1][1]["error"]["message"]
+    assert _post_calls(c, leader, b"\xc1not msgpack")[0] == 400
+    assert release(c, follower, name, "a", answers[0][1]["token"])[0] == 200

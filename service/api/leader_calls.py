@@ -1,0 +1,164 @@
+"""Quick writes that must run on the leader, reached from any node by a batched call.
+
+A route registers the leader-side half of a write with `@leader_call("lock.acquire")`: a
+coroutine taking the node and JSON-able args and returning the 200 body (or raising
+ApiError). `run_on_leader` runs it here when this node leads, and otherwise sends it to
+the leader through the node's CallBatcher (service/transport/calls.py), which packs the
+calls of many clients into one peer request. Slow calls (a blocking wait) and calls whose
+args cannot travel keep the plain HTTP forward of service/api/forwarding.py.
+
+The leader side answers every call with `[status, body]`; a node that is no longer the
+leader answers NOT_LEADER without running it, and the caller sends it to the new leader.
+A call that may have reached a leader that then failed is retried only when it carries a
+request_id (the state machine applies it once); without one the client is told the
+outcome is unknown, exactly as with the HTTP forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+from aiohttp import web
+
+from service.api.errors import ApiError, error_body, error_response
+from service.api.forwarding import (
+    LEADER_WAIT_SECONDS,
+    NODE_KEY,
+    forward,
+    forward_failed,
+    is_idempotent_body,
+)
+from service.api.http import raft_error
+from service.raft.core import NotLeader
+from service.transport.calls import CALLS_PATH, CONTENT_TYPE
+from service.transport.forward import ForwardError
+from service.transport.http import SECRET_HEADER
+
+if TYPE_CHECKING:
+    from service.node import Node
+
+log = logging.getLogger("dsync.api")
+
+LeaderCall = Callable[["Node", dict[str, Any]], Awaitable[dict[str, Any]]]
+
+# 421 Misdirected Request: "not the node that can answer this"; never reaches a client.
+NOT_LEADER = 421
+MAX_CALLS_PER_BATCH = 1024
+
+_CALLS: dict[str, LeaderCall] = {}
+
+routes = web.RouteTableDef()
+
+
+def leader_call(name: str) -> Callable[[LeaderCall], LeaderCall]:
+    def register(handler: LeaderCall) -> LeaderCall:
+        if name in _CALLS:
+            raise ValueError(f"leader call {name!r} is registered twice")
+        _CALLS[name] = handler
+        return handler
+
+    return register
+
+
+async def run_on_leader(
+    request: web.Request, name: str, args: dict[str, Any], *, quick: bool = True
+) -> web.StreamResponse:
+    """Answer `request` with call `name` run on the leader (here, or batched there)."""
+    node = request.app[NODE_KEY]
+    handler = _CALLS[name]
+    if node.runner is None:
+        return error_response(503, "unavailable", "node is starting; retry shortly")
+    if node.is_leader():
+        try:
+            return web.json_response(await handler(node, args))
+        except NotLeader:
+            pass  # leadership moved before the command was proposed: send it on
+    if not quick or node.calls is None:
+        return await forward(request)
+    idempotent = is_idempotent_body(request, args.get("body"))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LEADER_WAIT_SECONDS
+    refused_by: str | None = None
+    while True:
+        leader = await node.wait_for_leader(
+            max(0.0, deadline - loop.time()), other_than=refused_by
+        )
+        if leader is None:
+            return error_response(503, "no_leader", "no leader is elected right now; retry shortly")
+        if leader == node.node_id:
+            try:
+                return web.json_response(await handler(node, args))
+            except NotLeader:
+                refused_by = leader
+                continue
+        url = node.peer_urls.get(leader)
+        if url is None:
+            return error_response(503, "no_leader", f"leader {leader} has no known address")
+        try:
+            status, body = await node.calls.call(url, name, args)
+        except ValueError:
+            return await forward(request)  # args msgpack cannot carry; JSON can
+        except ForwardError as exc:
+            if (exc.maybe_applied and not idempotent) or loop.time() >= deadline:
+                return forward_failed(leader, exc.maybe_applied)
+            refused_by = leader
+            continue
+        if status == NOT_LEADER:
+            if loop.time() >= deadline:
+                return error_response(503, "no_leader", "no stable leader right now; retry")
+            refused_by = leader
+            continue
+        return web.json_response(body, status=status)
+
+
+@routes.post(CALLS_PATH)
+async def serve_calls(request: web.Request) -> web.Response:
+    """Leader side: run a batch of calls concurrently, answer `[[status, body], ...]`."""
+    node = request.app[NODE_KEY]
+    secret = node.settings.cluster_secret
+    if secret is not None:
+        given = request.headers.get(SECRET_HEADER, "")
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), secret.encode()):
+            return web.Response(status=401, text="bad cluster secret")
+    if node.runner is None:
+        return web.Response(status=503, text="node is starting")
+    try:
+        batch = msgpack.unpackb(await request.read(), raw=False, strict_map_key=False)
+    except ValueError as exc:
+        return web.Response(status=400, text=f"malformed call batch: {exc}")
+    if not isinstance(batch, list) or len(batch) > MAX_CALLS_PER_BATCH:
+        return web.Response(status=400, text="a call batch is a list of [name, args]")
+    answers = await asyncio.gather(*(_run_one(node, call) for call in batch))
+    return web.Response(
+        body=msgpack.packb([list(a) for a in answers], use_bin_type=True),
+        content_type=CONTENT_TYPE,
+    )
+
+
+async def _run_one(node: Node, call: Any) -> tuple[int, Any]:
+    if not (isinstance(call, list) and len(call) == 2 and isinstance(call[1], dict)):
+        return 400, error_body("bad_request", "a call is [name, args]")
+    name, args = call
+    handler = _CALLS.get(name) if isinstance(name, str) else None
+    if handler is None:
+        return 400, error_body("bad_request", f"unknown call {name!r}")
+    if not node.is_leader():
+        return NOT_LEADER, error_body("not_leader", "this node is not the leader")
+    try:
+        body = await handler(node, args)
+    except ApiError as exc:
+        return exc.status, error_body(exc.code, exc.message, **exc.extra)
+    except NotLeader:
+        return NOT_LEADER, error_body("not_leader", "this node is not the leader")
+    except Exception as exc:
+        mapped = raft_error(exc)
+        if mapped is not None:
+            return mapped.status, error_body(mapped.code, mapped.message, **mapped.extra)
+        log.exception("leader call failed", extra={"call": name})
+        return 500, error_body("internal", "internal error; see the leader's log")
+    return 200, body

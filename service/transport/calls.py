@@ -1,0 +1,206 @@
+"""Batched calls from a follower to the leader: many client requests, one peer request.
+
+Forwarding each client request to the leader as its own HTTP request costs both nodes a
+full HTTP exchange per request; under load that was most of a follower's CPU. A
+follower instead queues each quick call (name + JSON-able args) for the leader, and
+whatever queued in the same loop turn leaves together as one msgpack POST to
+`CALLS_PATH`; the leader runs them concurrently and answers one list of
+`[status, body]`, in order.
+
+Batches must not wait on each other's slowest member, so only calls that finish in
+about one commit go this way (a blocking lock wait keeps its own HTTP request). A few
+batches may be in flight at once; calls queue behind them, which is where batches grow.
+
+Failure semantics are those of `LeaderClient.forward`: `ForwardError.maybe_applied` is
+False only when the batch certainly never reached the leader (the connection could not
+be opened); a timeout or a dropped connection after sending leaves every call in the
+batch with an unknown outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgpack
+
+from service.transport.forward import ForwardError
+from service.transport.http import FROM_HEADER, SECRET_HEADER
+
+log = logging.getLogger(__name__)
+
+CALLS_PATH = "/internal/v1/calls"
+CONTENT_TYPE = "application/x-msgpack"
+DEFAULT_TIMEOUT_SECONDS = 10.0
+DEFAULT_MAX_IN_FLIGHT = 4
+DEFAULT_MAX_BATCH = 256
+
+
+@dataclass(slots=True)
+class _Call:
+    name: str
+    args: Mapping[str, Any]
+    future: asyncio.Future[tuple[int, Any]]
+
+
+@dataclass(slots=True)
+class _Peer:
+    url: str
+    queued: list[_Call] = field(default_factory=list)
+    in_flight: int = 0
+    flush_scheduled: bool = False
+
+
+class CallBatcher:
+    """Client side: `await call(url, name, args)` -> (status, body) from the node at url."""
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        secret: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        connect_timeout: float = 0.5,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
+        if max_in_flight < 1 or max_batch < 1:
+            raise ValueError("max_in_flight and max_batch must be at least 1")
+        self.node_id = node_id
+        self._secret = secret or None
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._max_in_flight = max_in_flight
+        self._max_batch = max_batch
+        self._peers: dict[str, _Peer] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+        self.batches_sent = 0
+        self.calls_sent = 0
+
+    async def call(self, url: str, name: str, args: Mapping[str, Any]) -> tuple[int, Any]:
+        """Run call `name` on the node at base URL `url`; raises ForwardError."""
+        if self._closed:
+            raise ForwardError("call batcher is closed", maybe_applied=False)
+        # Fail here, for this call alone, if the args cannot travel (e.g. a JSON integer
+        # wider than 64 bits): one bad call must not sink the batch it would join.
+        try:
+            msgpack.packb(args, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"call arguments cannot be encoded: {exc}") from exc
+        peer = self._peers.get(url)
+        if peer is None:
+            peer = self._peers[url] = _Peer(url)
+        future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
+        peer.queued.append(_Call(name, args, future))
+        self._schedule(peer)
+        return await future
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for peer in self._peers.values():
+            _fail(peer.queued, ForwardError("call batcher closed", maybe_applied=False))
+            peer.queued.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- batching ----------------------------------------------------------------
+
+    def _schedule(self, peer: _Peer) -> None:
+        # Flush at the end of this loop turn, so every call queued in the turn joins.
+        if not peer.flush_scheduled and peer.in_flight < self._max_in_flight:
+            peer.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush, peer)
+
+    def _flush(self, peer: _Peer) -> None:
+        peer.flush_scheduled = False
+        if self._closed or not peer.queued or peer.in_flight >= self._max_in_flight:
+            return
+        batch = peer.queued[: self._max_batch]
+        del peer.queued[: self._max_batch]
+        peer.in_flight += 1
+        task = asyncio.create_task(self._send(peer, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, peer: _Peer, batch: list[_Call]) -> None:
+        try:
+            answers = await self._post(peer.url, batch)
+        except ForwardError as exc:
+            _fail(batch, exc)
+        except asyncio.CancelledError:
+            _fail(batch, ForwardError("call batcher closed", maybe_applied=True))
+            raise
+        except Exception as exc:  # a bug here must not leave callers hanging
+            log.exception("call batch failed", extra={"peer": peer.url})
+            _fail(batch, ForwardError(f"call batch failed: {exc!r}", maybe_applied=True))
+        else:
+            self.batches_sent += 1
+            self.calls_sent += len(batch)
+            for call, answer in zip(batch, answers, strict=True):
+                if not call.future.done():
+                    call.future.set_result(answer)
+        finally:
+            peer.in_flight -= 1
+            if peer.queued:
+                self._schedule(peer)
+
+    async def _post(self, url: str, batch: list[_Call]) -> list[tuple[int, Any]]:
+        body = msgpack.packb([[c.name, c.args] for c in batch], use_bin_type=True)
+        headers = {"Content-Type": CONTENT_TYPE, FROM_HEADER: self.node_id}
+        if self._secret is not None:
+            headers[SECRET_HEADER] = self._secret
+        timeout = aiohttp.ClientTimeout(total=self._timeout, connect=self._connect_timeout)
+        try:
+            async with self._get_session().post(
+                url.rstrip("/") + CALLS_PATH, data=body, headers=headers, timeout=timeout
+            ) as response:
+                raw = await response.read()
+                status = response.status
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise ForwardError(f"could not reach {url}: {exc}", maybe_applied=False) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ForwardError(f"{url}: {type(exc).__name__}: {exc}", maybe_applied=True) from exc
+        if status != 200:
+            # Refused as a whole (bad secret, node starting, malformed batch): nothing in
+            # it ran. Only an unexpected server error leaves the outcome open.
+            raise ForwardError(
+                f"{url} refused the call batch: {status}",
+                maybe_applied=status >= 500 and status != 503,
+            )
+        try:
+            answers = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        except ValueError as exc:
+            raise ForwardError(f"{url}: malformed batch answer: {exc}", maybe_applied=True) from exc
+        if not isinstance(answers, list) or len(answers) != len(batch):
+            raise ForwardError(f"{url}: batch answer has the wrong shape", maybe_applied=True)
+        out: list[tuple[int, Any]] = []
+        for answer in answers:
+            if not (isinstance(answer, list) and len(answer) == 2 and isinstance(answer[0], int)):
+                raise ForwardError(f"{url}: malformed call answer", maybe_applied=True)
+            out.append((answer[0], answer[1]))
+        return out
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit_per_host=self._max_in_flight * 2)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+
+def _fail(calls: list[_Call], exc: ForwardError) -> None:
+    for call in calls:
+        if not call.future.done():
+            call.future.set_exception(exc)

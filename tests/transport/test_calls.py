@@ -1,0 +1,207 @@
+"""CallBatcher: calls queued in one loop turn leave as one request, answers come back in
+order, and a failure says whether any call in the batch may have run."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgpack
+import pytest
+from aiohttp import web
+
+from service.transport.calls import CALLS_PATH, CONTENT_TYPE, CallBatcher
+from service.transport.forward import ForwardError
+from service.transport.http import FROM_HEADER, SECRET_HEADER
+from tests.transport.test_forward import free_port
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Peer:
+    """A stand-in leader: records every batch it is sent and answers through handler."""
+
+    def __init__(self) -> None:
+        self.handler: Handler | None = None
+        self.batches: list[list[Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        self.batches.append(msgpack.unpackb(await request.read(), raw=False))
+        self.headers.append(dict(request.headers))
+        assert self.handler is not None
+        return await self.handler(request)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post(CALLS_PATH, self._serve)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+def _echo(peer: Peer) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        batch = peer.batches[-1]
+        answers = [[200, {"call": name, "n": args["n"]}] for name, args in batch]
+        return web.Response(body=msgpack.packb(answers), content_type=CONTENT_TYPE)
+
+    return handler
+
+
+@pytest.fixture
+async def batcher() -> AsyncIterator[CallBatcher]:
+    b = CallBatcher("n2", secret="pw", timeout=2.0, max_in_flight=1)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[list[Peer]]:
+    started: list[Peer] = []
+    try:
+        yield started
+    finally:
+        for peer in started:
+            await peer.stop()
+
+
+async def _peer(peers: list[Peer], handler: Callable[[Peer], Handler] = _echo) -> Peer:
+    peer = Peer()
+    peer.handler = handler(peer)
+    await peer.start()
+    peers.append(peer)
+    return peer
+
+
+async def test_calls_of_one_turn_travel_together_and_answer_in_order(
+    batcher: CallBatcher, peers: list[Peer]
+) -> None:
+    peer = await _peer(peers)
+    answers = await asyncio.gather(*(batcher.call(peer.url, "op", {"n": i}) for i in range(20)))
+    assert answers == [(200, {"call": "op", "n": i}) for i in range(20)]
+    assert len(peer.batches) == 1 and len(peer.batches[0]) == 20
+    assert peer.headers[0][SECRET_HEADER] == "pw"
+    assert peer.headers[0][FROM_HEADER] == "n2"
+    assert (batcher.batches_sent, batcher.calls_sent) == (1, 20)
+
+
+async def test_calls_queued_behind_a_batch_in_flight_form_the_next_batch(
+    batcher: CallBatcher, peers: list[Peer]
+) -> None:
+    release = asyncio.Event()
+
+    def slow(peer: Peer) -> Handler:
+        echo = _echo(peer)
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            await release.wait()
+            return await echo(request)
+
+        return handler
+
+    peer = await _peer(peers, slow)
+    first = asyncio.ensure_future(batcher.call(peer.url, "op", {"n": 0}))
+    await asyncio.sleep(0.1)  # the first batch is now waiting on the peer
+    rest = [asyncio.ensure_future(batcher.call(peer.url, "op", {"n": i})) for i in (1, 2, 3)]
+    await asyncio.sleep(0.05)
+    assert len(peer.batches) == 1  # max_in_flight=1: the others wait, and gather
+    release.set()
+    assert (await first)[1]["n"] == 0
+    assert [(await f)[1]["n"] for f in rest] == [1, 2, 3]
+    assert [len(b) for b in peer.batches] == [1, 3]
+
+
+async def test_an_unreachable_peer_means_never_applied(batcher: CallBatcher) -> None:
+    with pytest.raises(ForwardError) as caught:
+        await batcher.call(f"http://127.0.0.1:{free_port()}", "op", {"n": 1})
+    assert caught.value.maybe_applied is False
+
+
+async def test_a_connection_dropped_after_sending_means_maybe_applied(
+    batcher: CallBatcher, peers: list[Peer]
+) -> None:
+    def drop(peer: Peer) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+
+        return handler
+
+    peer = await _peer(peers, drop)
+    calls = [batcher.call(peer.url, "op", {"n": i}) for i in range(3)]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(o, ForwardError) and o.maybe_applied for o in outcomes), outcomes
+
+
+async def test_a_refused_batch_ran_nothing(batcher: CallBatcher, peers: list[Peer]) -> None:
+    def refuse(peer: Peer) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return web.Response(status=401, text="bad cluster secret")
+
+        return handler
+
+    peer = await _peer(peers, refuse)
+    with pytest.raises(ForwardError) as caught:
+        await batcher.call(peer.url, "op", {"n": 1})
+    assert caught.value.maybe_applied is False
+
+
+async def test_a_malformed_answer_is_an_unknown_outcome(
+    batcher: CallBatcher, peers: list[Peer]
+) -> None:
+    def short(peer: Peer) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return web.Response(body=msgpack.packb([]), content_type=CONTENT_TYPE)
+
+        return handler
+
+    peer = await _peer(peers, short)
+    with pytest.raises(ForwardError) as caught:
+        await batcher.call(peer.url, "op", {"n": 1})
+    assert caught.value.maybe_applied is True
+
+
+async def test_args_msgpack_cannot_carry_fail_alone(
+    batcher: CallBatcher, peers: list[Peer]
+) -> None:
+    peer = await _peer(peers)
+    good = asyncio.ensure_future(batcher.call(peer.url, "op", {"n": 1}))
+    with pytest.raises(ValueError, match="cannot be encoded"):
+        await batcher.call(peer.url, "op", {"n": 2**70})
+    assert await good == (200, {"call": "op", "n": 1})
+
+
+async def test_close_fails_queued_calls_instead_of_leaving_them_hanging(
+    peers: list[Peer],
+) -> None:
+    batcher = CallBatcher("n2", timeout=5.0, max_in_flight=1)
+    hold = asyncio.Event()
+
+    def stuck(peer: Peer) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            await hold.wait()
+            return web.Response()
+
+        return handler
+
+    peer = await _peer(peers, stuck)
+    calls = [asyncio.ensure_future(batcher.call(peer.url, "op", {"n": i})) for i in range(3)]
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(batcher.close(), 2)
+    hold.set()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(o, ForwardError) for o in outcomes), outcomes
+    with pytest.raises(ForwardError):
+        await batcher.call(peer.url, "op", {"n": 9})
