@@ -248,6 +248,7 @@ class Node:
             self.queues.store = RedisPartitionStore(self.redis)
             self.queues.peer_urls = dict(self.peer_urls)
             self.queues.secret = settings.cluster_secret
+            self.queues.calls = self.calls
         if self.cache is not None:
             assert self.redis is not None
             self.cache.store = RedisCacheStore(self.redis)

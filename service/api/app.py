@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from service.api import cache, cluster, kv, leader_calls, locks, queues
+from service.api import cache, calls, cluster, kv, locks, queues
 from service.api.forwarding import NODE_KEY
 from service.api.http import MAX_BODY_KEY, METRICS_KEY, error_middleware, metrics_middleware
 from service.transport.http import raft_routes
@@ -27,7 +27,7 @@ def create_app(node: Node) -> web.Application:
     app.add_routes(cluster.routes)
     app.add_routes(kv.routes)
     app.add_routes(locks.routes)
-    app.add_routes(leader_calls.routes)
+    app.add_routes(calls.routes)
     app.add_routes(queues.routes)
     app.add_routes(cache.routes)
     app.add_routes(raft_routes(node))

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from service.api.calls import leader_call, run_on_leader
 from service.api.errors import ApiError, bad_request
 from service.api.forwarding import NODE_KEY, on_leader
 from service.api.http import field_int, field_str, read_json, request_id_from
-from service.api.leader_calls import leader_call, run_on_leader
 from service.locks.commands import MAX_NAME_BYTES, MAX_OWNER_BYTES, MAX_TTL_MS
 from service.locks.service import LockService
 from service.locks.table import LockView

@@ -11,11 +11,12 @@ import hmac
 import json
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 from aiohttp import web
 
+from service.api.calls import peer_call
 from service.api.errors import ApiError, bad_request
 from service.api.forwarding import NODE_KEY
 from service.api.http import field_int, read_json
@@ -30,6 +31,9 @@ from service.queue.meta import QueueOptions
 from service.queue.replica import NotPartitionLeader
 from service.queue.service import QueueService
 from service.transport.http import FROM_HEADER, SECRET_HEADER
+
+if TYPE_CHECKING:
+    from service.node import Node
 
 routes = web.RouteTableDef()
 
@@ -308,7 +312,25 @@ InternalHandler = Callable[[QueueService, str, dict[str, Any]], Awaitable[Any]]
 
 
 def _internal(name: str) -> Callable[[InternalHandler], InternalHandler]:
+    """Register a node-to-node queue RPC: as a batched peer call `queue.<name>` (what
+    QueueService uses) and as its own msgpack route under INTERNAL."""
+
     def register(handler: InternalHandler) -> InternalHandler:
+        async def run(node: Node, sender: str, body: Any) -> tuple[int, Any]:
+            queues = node.queues
+            if queues is None or queues.runner is None:
+                return 503, {"error": {"code": "unavailable"}}
+            if not isinstance(body, dict):
+                return 400, {"error": {"code": "bad_request", "message": "body is not a map"}}
+            try:
+                return 200, await handler(queues, sender, body)
+            except NotPartitionLeader as exc:
+                return 409, {"error": {"code": "not_leader", "message": str(exc)}}
+            except QueueError as exc:
+                return exc.status, {"error": {"code": exc.code, "message": exc.message}}
+            except (KeyError, TypeError, ValueError) as exc:
+                return 400, {"error": {"code": "bad_request", "message": repr(exc)}}
+
         async def route(request: web.Request) -> web.Response:
             node = request.app[NODE_KEY]
             secret = node.settings.cluster_secret
@@ -317,26 +339,14 @@ def _internal(name: str) -> Callable[[InternalHandler], InternalHandler]:
                 if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
                                            secret.encode()):
                     return _packed({"error": {"code": "unauthorized"}}, 401)
-            queues = node.queues
-            if queues is None or queues.runner is None:
-                return _packed({"error": {"code": "unavailable"}}, 503)
             try:
                 body = msgpack.unpackb(await request.read(), raw=False, strict_map_key=False)
-                if not isinstance(body, dict):
-                    raise ValueError("body is not a map")
             except ValueError as exc:
                 return _packed({"error": {"code": "bad_request", "message": str(exc)}}, 400)
-            try:
-                result = await handler(queues, request.headers.get(FROM_HEADER, ""), body)
-            except NotPartitionLeader as exc:
-                return _packed({"error": {"code": "not_leader", "message": str(exc)}}, 409)
-            except QueueError as exc:
-                return _packed({"error": {"code": exc.code, "message": exc.message}},
-                               exc.status)
-            except (KeyError, TypeError, ValueError) as exc:
-                return _packed({"error": {"code": "bad_request", "message": repr(exc)}}, 400)
-            return _packed(result, 200)
+            status, reply = await run(node, request.headers.get(FROM_HEADER, ""), body)
+            return _packed(reply, status)
 
+        peer_call(f"queue.{name}")(run)
         routes.post(f"{INTERNAL}/{name}")(route)
         return handler
 

@@ -24,6 +24,8 @@ from service.queue.store import PartitionStore
 from service.raft.core import RaftError, Role
 from service.raft.runner import RaftRunner
 from service.statemachine import Command
+from service.transport.calls import CallBatcher
+from service.transport.forward import ForwardError
 from service.transport.http import FROM_HEADER, SECRET_HEADER
 
 log = logging.getLogger("dsync.queue")
@@ -95,6 +97,8 @@ class QueueServiceBase:
         self.runner: RaftRunner | None = None
         self.peer_urls: dict[str, str] = {}
         self.secret: str | None = None
+        # Set by the node: node-to-node RPCs then share batched peer requests.
+        self.calls: CallBatcher | None = None
         self.replicas: dict[tuple[str, int], PartitionReplica] = {}
         self._loading: dict[tuple[str, int], asyncio.Future[PartitionReplica]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -222,7 +226,19 @@ class QueueServiceBase:
     async def _rpc(self, node: str, name: str, body: dict[str, Any],
                    timeout: float = RPC_TIMEOUT_SECONDS) -> tuple[int, Any]:
         url = self.peer_urls.get(node)
-        if url is None or self._session is None:
+        if url is None:
+            raise aiohttp.ClientError(f"no address for {node}")
+        if self.calls is not None:
+            # Batched with every other call to that node in this loop turn.
+            try:
+                # Replication gets a lane of its own: publishes wait on it.
+                lane = "replication" if name == "replicate" else "default"
+                return await asyncio.wait_for(
+                    self.calls.call(url, f"queue.{name}", body, lane=lane), timeout
+                )
+            except ForwardError as exc:
+                raise aiohttp.ClientConnectionError(str(exc)) from exc
+        if self._session is None:
             raise aiohttp.ClientError(f"no address for {node}")
         headers = {"Content-Type": MSGPACK, FROM_HEADER: self.node_id}
         if self.secret:

@@ -4,12 +4,10 @@ Forwarding each client request to the leader as its own HTTP request costs both 
 full HTTP exchange per request; under load that was most of a follower's CPU. A
 follower instead queues each quick call (name + JSON-able args) for the leader, and
 whatever queued in the same loop turn leaves together as one msgpack POST to
-`CALLS_PATH`; the leader runs them concurrently and answers one list of
-`[status, body]`, in order.
-
-Batches must not wait on each other's slowest member, so only calls that finish in
-about one commit go this way (a blocking lock wait keeps its own HTTP request). A few
-batches may be in flight at once; calls queue behind them, which is where batches grow.
+`CALLS_PATH`; the receiver runs them concurrently and streams each answer back as
+`[index, status, body]` when it is ready, so no call waits for a slower one of its batch.
+Calls still hold a connection while they run, so only quick ones go this way (a blocking
+lock wait keeps its own HTTP request).
 
 Failure semantics are those of `LeaderClient.forward`: `ForwardError.maybe_applied` is
 False only when the batch certainly never reached the leader (the connection could not
@@ -77,15 +75,23 @@ class CallBatcher:
         self._connect_timeout = connect_timeout
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
-        self._peers: dict[str, _Peer] = {}
+        self._peers: dict[tuple[str, str], _Peer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self.batches_sent = 0
         self.calls_sent = 0
 
-    async def call(self, url: str, name: str, args: Mapping[str, Any]) -> tuple[int, Any]:
-        """Run call `name` on the node at base URL `url`; raises ForwardError."""
+    async def call(
+        self, url: str, name: str, args: Mapping[str, Any], *, lane: str = "default"
+    ) -> tuple[int, Any]:
+        """Run call `name` on the node at base URL `url`; raises ForwardError.
+
+        Each lane has its own batches and in-flight limit. A call that waits on calls
+        made elsewhere (a publish waiting for replication) must not share a lane with
+        those (replication): full lanes waiting on each other across nodes would stall
+        until timeouts.
+        """
         if self._closed:
             raise ForwardError("call batcher is closed", maybe_applied=False)
         # Fail here, for this call alone, if the args cannot travel (e.g. a JSON integer
@@ -94,9 +100,9 @@ class CallBatcher:
             msgpack.packb(args, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"call arguments cannot be encoded: {exc}") from exc
-        peer = self._peers.get(url)
+        peer = self._peers.get((url, lane))
         if peer is None:
-            peer = self._peers[url] = _Peer(url)
+            peer = self._peers[url, lane] = _Peer(url)
         future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
         peer.queued.append(_Call(name, args, future))
         self._schedule(peer)
@@ -137,7 +143,7 @@ class CallBatcher:
 
     async def _send(self, peer: _Peer, batch: list[_Call]) -> None:
         try:
-            answers = await self._post(peer.url, batch)
+            await self._post(peer.url, batch)
         except ForwardError as exc:
             _fail(batch, exc)
         except asyncio.CancelledError:
@@ -149,55 +155,67 @@ class CallBatcher:
         else:
             self.batches_sent += 1
             self.calls_sent += len(batch)
-            for call, answer in zip(batch, answers, strict=True):
-                if not call.future.done():
-                    call.future.set_result(answer)
         finally:
             peer.in_flight -= 1
             if peer.queued:
                 self._schedule(peer)
 
-    async def _post(self, url: str, batch: list[_Call]) -> list[tuple[int, Any]]:
+    async def _post(self, url: str, batch: list[_Call]) -> None:
+        """Send the batch and settle each call as its answer streams in, `[i, status,
+        body]` in the order they finish; raises ForwardError for the calls left."""
         body = msgpack.packb([[c.name, c.args] for c in batch], use_bin_type=True)
         headers = {"Content-Type": CONTENT_TYPE, FROM_HEADER: self.node_id}
         if self._secret is not None:
             headers[SECRET_HEADER] = self._secret
         timeout = aiohttp.ClientTimeout(total=self._timeout, connect=self._connect_timeout)
+        answered = 0
         try:
             async with self._get_session().post(
                 url.rstrip("/") + CALLS_PATH, data=body, headers=headers, timeout=timeout
             ) as response:
-                raw = await response.read()
-                status = response.status
+                if response.status != 200:
+                    # Refused as a whole (bad secret, node starting, malformed batch):
+                    # nothing in it ran. Only an unexpected server error leaves the
+                    # outcome open.
+                    raise ForwardError(
+                        f"{url} refused the call batch: {response.status}",
+                        maybe_applied=response.status >= 500 and response.status != 503,
+                    )
+                unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+                async for chunk in response.content.iter_any():
+                    unpacker.feed(chunk)
+                    for answer in unpacker:
+                        index, status, reply = _parse_answer(answer, len(batch))
+                        call = batch[index]
+                        if not call.future.done():
+                            call.future.set_result((status, reply))
+                        answered += 1
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise ForwardError(f"could not reach {url}: {exc}", maybe_applied=False) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ForwardError(f"{url}: {type(exc).__name__}: {exc}", maybe_applied=True) from exc
-        if status != 200:
-            # Refused as a whole (bad secret, node starting, malformed batch): nothing in
-            # it ran. Only an unexpected server error leaves the outcome open.
-            raise ForwardError(
-                f"{url} refused the call batch: {status}",
-                maybe_applied=status >= 500 and status != 503,
-            )
-        try:
-            answers = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-        except ValueError as exc:
-            raise ForwardError(f"{url}: malformed batch answer: {exc}", maybe_applied=True) from exc
-        if not isinstance(answers, list) or len(answers) != len(batch):
-            raise ForwardError(f"{url}: batch answer has the wrong shape", maybe_applied=True)
-        out: list[tuple[int, Any]] = []
-        for answer in answers:
-            if not (isinstance(answer, list) and len(answer) == 2 and isinstance(answer[0], int)):
-                raise ForwardError(f"{url}: malformed call answer", maybe_applied=True)
-            out.append((answer[0], answer[1]))
-        return out
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise ForwardError(f"{url}: malformed call answer: {exc}", maybe_applied=True) from exc
+        if answered < len(batch):
+            raise ForwardError(f"{url}: the batch ended before every answer", maybe_applied=True)
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit_per_host=self._max_in_flight * 2)
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
+
+
+def _parse_answer(answer: Any, size: int) -> tuple[int, int, Any]:
+    if not (
+        isinstance(answer, list)
+        and len(answer) == 3
+        and isinstance(answer[0], int)
+        and 0 <= answer[0] < size
+        and isinstance(answer[1], int)
+    ):
+        raise ValueError(f"not an answer [index, status, body]: {answer!r:.200}")
+    return answer[0], answer[1], answer[2]
 
 
 def _fail(calls: list[_Call], exc: ForwardError) -> None:

@@ -277,6 +277,7 @@ def _wait_until(predicate: Any, timeout: float) -> None:
 
 
 def _post_calls(c: LocalCluster, node: int, payload: bytes) -> tuple[int, Any]:
+    import io
     import urllib.error
     import urllib.request
 
@@ -292,7 +293,9 @@ def _post_calls(c: LocalCluster, node: int, payload: bytes) -> tuple[int, Any]:
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, msgpack.unpackb(response.read(), raw=False)
+            # A stream of [index, status, body], in the order the calls finished.
+            frames = list(msgpack.Unpacker(io.BytesIO(response.read()), raw=False))
+            return response.status, [[s, b] for _, s, b in sorted(frames, key=lambda f: f[0])]
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
 

@@ -17,6 +17,7 @@ from service.transport.http import FROM_HEADER, SECRET_HEADER
 from tests.transport.test_forward import free_port
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+BATCH: web.RequestKey[list[Any]] = web.RequestKey("batch", list)
 
 
 class Peer:
@@ -30,7 +31,8 @@ class Peer:
         self.url = ""
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
-        self.batches.append(msgpack.unpackb(await request.read(), raw=False))
+        request[BATCH] = msgpack.unpackb(await request.read(), raw=False)
+        self.batches.append(request[BATCH])
         self.headers.append(dict(request.headers))
         assert self.handler is not None
         return await self.handler(request)
@@ -50,9 +52,10 @@ class Peer:
 
 def _echo(peer: Peer) -> Handler:
     async def handler(request: web.Request) -> web.Response:
-        batch = peer.batches[-1]
-        answers = [[200, {"call": name, "n": args["n"]}] for name, args in batch]
-        return web.Response(body=msgpack.packb(answers), content_type=CONTENT_TYPE)
+        batch = request[BATCH]
+        frames = [msgpack.packb([i, 200, {"call": name, "n": args["n"]}])
+                  for i, (name, args) in enumerate(batch)]
+        return web.Response(body=b"".join(frames), content_type=CONTENT_TYPE)
 
     return handler
 
@@ -158,12 +161,13 @@ async def test_a_refused_batch_ran_nothing(batcher: CallBatcher, peers: list[Pee
     assert caught.value.maybe_applied is False
 
 
-async def test_a_malformed_answer_is_an_unknown_outcome(
-    batcher: CallBatcher, peers: list[Peer]
+@pytest.mark.parametrize("answer", [b"", msgpack.packb([5, 200, {}]), msgpack.packb([200, {}])])
+async def test_a_missing_or_malformed_answer_is_an_unknown_outcome(
+    batcher: CallBatcher, peers: list[Peer], answer: bytes
 ) -> None:
     def short(peer: Peer) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
-            return web.Response(body=msgpack.packb([]), content_type=CONTENT_TYPE)
+            return web.Response(body=answer, content_type=CONTENT_TYPE)
 
         return handler
 
@@ -171,6 +175,56 @@ async def test_a_malformed_answer_is_an_unknown_outcome(
     with pytest.raises(ForwardError) as caught:
         await batcher.call(peer.url, "op", {"n": 1})
     assert caught.value.maybe_applied is True
+
+
+async def test_answers_stream_in_as_they_finish(batcher: CallBatcher, peers: list[Peer]) -> None:
+    """A slow call must not hold back a fast one of the same batch (a publish waiting
+    on replication would otherwise hold back the replication it waits for)."""
+    release = asyncio.Event()
+
+    def second_first(peer: Peer) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
+            await response.prepare(request)
+            await response.write(msgpack.packb([1, 200, "fast"]))
+            await release.wait()
+            await response.write(msgpack.packb([0, 200, "slow"]))
+            await response.write_eof()
+            return response
+
+        return handler
+
+    peer = await _peer(peers, second_first)
+    slow = asyncio.ensure_future(batcher.call(peer.url, "op", {"n": 0}))
+    fast = asyncio.ensure_future(batcher.call(peer.url, "op", {"n": 1}))
+    assert await asyncio.wait_for(fast, 2) == (200, "fast")
+    assert not slow.done()
+    release.set()
+    assert await asyncio.wait_for(slow, 2) == (200, "slow")
+    assert len(peer.batches) == 1
+
+
+async def test_a_connection_lost_midway_keeps_the_answers_already_received(
+    batcher: CallBatcher, peers: list[Peer]
+) -> None:
+    def half(peer: Peer) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
+            await response.prepare(request)
+            await response.write(msgpack.packb([0, 200, "done"]))
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.close()
+            return response
+
+        return handler
+
+    peer = await _peer(peers, half)
+    first = batcher.call(peer.url, "op", {"n": 0})
+    second = batcher.call(peer.url, "op", {"n": 1})
+    got = await asyncio.gather(first, second, return_exceptions=True)
+    assert got[0] == (200, "done")
+    assert isinstance(got[1], ForwardError) and got[1].maybe_applied
 
 
 async def test_args_msgpack_cannot_carry_fail_alone(
@@ -205,3 +259,30 @@ async def test_close_fails_queued_calls_instead_of_leaving_them_hanging(
     assert all(isinstance(o, ForwardError) for o in outcomes), outcomes
     with pytest.raises(ForwardError):
         await batcher.call(peer.url, "op", {"n": 9})
+
+
+async def test_lanes_have_their_own_in_flight_limit(
+    batcher: CallBatcher, peers: list[Peer]
+) -> None:
+    """With the default lane's one batch stuck, a call on another lane still goes."""
+    release = asyncio.Event()
+
+    def stuck_unless_replication(peer: Peer) -> Handler:
+        echo = _echo(peer)
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            if request[BATCH][0][0] != "replicate":
+                await release.wait()
+            return await echo(request)
+
+        return handler
+
+    peer = await _peer(peers, stuck_unless_replication)
+    publish = asyncio.ensure_future(batcher.call(peer.url, "publish", {"n": 0}))
+    await asyncio.sleep(0.05)
+    assert await asyncio.wait_for(
+        batcher.call(peer.url, "replicate", {"n": 1}, lane="replication"), 2
+    ) == (200, {"call": "replicate", "n": 1})
+    assert not publish.done()
+    release.set()
+    assert await publish == (200, {"call": "publish", "n": 0})

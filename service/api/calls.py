@@ -1,17 +1,23 @@
-"""Quick writes that must run on the leader, reached from any node by a batched call.
+"""Batched node-to-node calls: quick writes run on the Raft leader, and service RPCs.
 
-A route registers the leader-side half of a write with `@leader_call("lock.acquire")`: a
-coroutine taking the node and JSON-able args and returning the 200 body (or raising
-ApiError). `run_on_leader` runs it here when this node leads, and otherwise sends it to
-the leader through the node's CallBatcher (service/transport/calls.py), which packs the
-calls of many clients into one peer request. Slow calls (a blocking wait) and calls whose
-args cannot travel keep the plain HTTP forward of service/api/forwarding.py.
+Leader calls. A route registers the leader-side half of a write with
+`@leader_call("lock.acquire")`: a coroutine taking the node and JSON-able args and
+returning the 200 body (or raising ApiError). `run_on_leader` runs it here when this
+node leads, and otherwise sends it to the leader through the node's CallBatcher
+(service/transport/calls.py), which packs the calls of many clients into one peer
+request. Slow calls (a blocking wait) and calls whose args cannot travel keep the plain
+HTTP forward of service/api/forwarding.py.
 
 The leader side answers every call with `[status, body]`; a node that is no longer the
 leader answers NOT_LEADER without running it, and the caller sends it to the new leader.
 A call that may have reached a leader that then failed is retried only when it carries a
 request_id (the state machine applies it once); without one the client is told the
 outcome is unknown, exactly as with the HTTP forward.
+
+Peer calls. `@peer_call("queue.publish")` registers a service's node-to-node RPC (the
+queue's partition traffic); it runs on whichever node it is sent to, is given the
+sending node's id, and returns `(status, body)` itself. Callers use
+`CallBatcher.call` directly, so the RPCs of many clients share one peer request.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from service.api.http import raft_error
 from service.raft.core import NotLeader
 from service.transport.calls import CALLS_PATH, CONTENT_TYPE
 from service.transport.forward import ForwardError
-from service.transport.http import SECRET_HEADER
+from service.transport.http import FROM_HEADER, SECRET_HEADER
 
 if TYPE_CHECKING:
     from service.node import Node
@@ -45,21 +51,34 @@ if TYPE_CHECKING:
 log = logging.getLogger("dsync.api")
 
 LeaderCall = Callable[["Node", dict[str, Any]], Awaitable[dict[str, Any]]]
+# (node, sending node id, args) -> (status, body)
+PeerCall = Callable[["Node", str, dict[str, Any]], Awaitable[tuple[int, Any]]]
 
 # 421 Misdirected Request: "not the node that can answer this"; never reaches a client.
 NOT_LEADER = 421
 MAX_CALLS_PER_BATCH = 1024
 
 _CALLS: dict[str, LeaderCall] = {}
+_PEER_CALLS: dict[str, PeerCall] = {}
 
 routes = web.RouteTableDef()
 
 
 def leader_call(name: str) -> Callable[[LeaderCall], LeaderCall]:
     def register(handler: LeaderCall) -> LeaderCall:
-        if name in _CALLS:
-            raise ValueError(f"leader call {name!r} is registered twice")
+        if name in _CALLS or name in _PEER_CALLS:
+            raise ValueError(f"call {name!r} is registered twice")
         _CALLS[name] = handler
+        return handler
+
+    return register
+
+
+def peer_call(name: str) -> Callable[[PeerCall], PeerCall]:
+    def register(handler: PeerCall) -> PeerCall:
+        if name in _CALLS or name in _PEER_CALLS:
+            raise ValueError(f"call {name!r} is registered twice")
+        _PEER_CALLS[name] = handler
         return handler
 
     return register
@@ -117,8 +136,10 @@ async def run_on_leader(
 
 
 @routes.post(CALLS_PATH)
-async def serve_calls(request: web.Request) -> web.Response:
-    """Leader side: run a batch of calls concurrently, answer `[[status, body], ...]`."""
+async def serve_calls(request: web.Request) -> web.StreamResponse:
+    """Run a batch of calls concurrently and stream each answer, `[i, status, body]`, as
+    soon as it is ready: a call must never wait for a slower one of its batch (a publish
+    waiting on replication must not hold back the replication it waits for)."""
     node = request.app[NODE_KEY]
     secret = node.settings.cluster_secret
     if secret is not None:
@@ -133,17 +154,45 @@ async def serve_calls(request: web.Request) -> web.Response:
         return web.Response(status=400, text=f"malformed call batch: {exc}")
     if not isinstance(batch, list) or len(batch) > MAX_CALLS_PER_BATCH:
         return web.Response(status=400, text="a call batch is a list of [name, args]")
-    answers = await asyncio.gather(*(_run_one(node, call) for call in batch))
-    return web.Response(
-        body=msgpack.packb([list(a) for a in answers], use_bin_type=True),
-        content_type=CONTENT_TYPE,
-    )
+    sender = request.headers.get(FROM_HEADER, "")
+    running = {
+        asyncio.ensure_future(_run_one(node, sender, call)): i for i, call in enumerate(batch)
+    }
+    response: web.StreamResponse | None = None
+    try:
+        while running:
+            # Everything finished by now leaves in one write.
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            frames = b"".join(
+                msgpack.packb([running.pop(task), *task.result()], use_bin_type=True)
+                for task in done
+            )
+            if response is None:
+                if not running:
+                    # The usual case, every call done at once: one plain response.
+                    return web.Response(body=frames, content_type=CONTENT_TYPE)
+                response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
+                await response.prepare(request)
+            await response.write(frames)
+    finally:
+        for task in running:
+            task.cancel()  # the caller is gone; its answers have nowhere to go
+    assert response is not None
+    await response.write_eof()
+    return response
 
 
-async def _run_one(node: Node, call: Any) -> tuple[int, Any]:
+async def _run_one(node: Node, sender: str, call: Any) -> tuple[int, Any]:
     if not (isinstance(call, list) and len(call) == 2 and isinstance(call[1], dict)):
         return 400, error_body("bad_request", "a call is [name, args]")
     name, args = call
+    peer_handler = _PEER_CALLS.get(name) if isinstance(name, str) else None
+    if peer_handler is not None:
+        try:
+            return await peer_handler(node, sender, args)
+        except Exception:
+            log.exception("peer call failed", extra={"call": name})
+            return 500, error_body("internal", "internal error; see the node's log")
     handler = _CALLS.get(name) if isinstance(name, str) else None
     if handler is None:
         return 400, error_body("bad_request", f"unknown call {name!r}")
