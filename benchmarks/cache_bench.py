@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
-from benchmarks.common import latency_line, local_cluster, request_json  # noqa: E402
+from benchmarks.common import latency_line, local_cluster, request_json, run  # noqa: E402
 
 MAX_OPS_PER_CLIENT = 50_000_000
 
@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.seconds:g} s measured after {args.warmup:g} s warmup",
             flush=True,
         )
-        results = asyncio.run(Bench(args, urls).run())
+        results = run(Bench(args, urls).run())
         report(args, urls, results)
     return 0 if results.ops > 0 else 1
 

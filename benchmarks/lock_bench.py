@@ -42,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
-from benchmarks.common import Window, latency_line, local_cluster, request_json  # noqa: E402
+from benchmarks.common import Window, latency_line, local_cluster, request_json, run  # noqa: E402
 
 MAX_CYCLES_PER_CLIENT = 10_000_000
 MAX_SECONDS = 3600.0
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             + (", leader only" if args.leader_only else ""),
             flush=True,
         )
-        results = asyncio.run(Bench(args, urls).run())
+        results = run(Bench(args, urls).run())
         report(args, urls, results)
     return 0 if results.cycles > 0 else 1
 

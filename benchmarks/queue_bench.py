@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
-from benchmarks.common import Window, latency_line, local_cluster_handle  # noqa: E402
+from benchmarks.common import Window, latency_line, local_cluster_handle, run  # noqa: E402
 
 MAX_REQUESTS_PER_CLIENT = 10_000_000
 
@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cluster_box[0].kill(1)
 
         bench = Bench(args, urls)
-        asyncio.run(bench.run(kill))
+        run(bench.run(kill))
         report(args, bench)
     return 0 if bench.results.published > 0 else 1
 

@@ -44,14 +44,13 @@ class _Entry:
     result_json: str
 
     def encode(self) -> str:
-        # The result is embedded as parsed JSON so `HGET` shows it readably.
-        record = {
-            "index": self.index,
-            "op": self.op,
-            "args": self.args_digest,
-            "result": json.loads(self.result_json),
-        }
-        return json.dumps(record, separators=(",", ":"), sort_keys=True)
+        # The result is embedded as JSON (not a string of JSON) so `HGET` shows it
+        # readably. Spliced rather than re-parsed and re-dumped: this runs for every
+        # applied command that carries a request_id. Keys in sorted order, as before.
+        return (
+            f'{{"args":{json.dumps(self.args_digest)},"index":{self.index},'
+            f'"op":{json.dumps(self.op)},"result":{self.result_json}}}'
+        )
 
     @staticmethod
     def decode(text: str) -> _Entry:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
-from service.dedup import DEDUP_PREFIX, Deduplicated, DedupTable
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.dedup import DEDUP_PREFIX, Deduplicated, DedupTable, _Entry, _to_json
 from service.kv.machine import KvStateMachine
 from service.machines import MachineRegistry
 from service.statemachine import Command
@@ -95,3 +99,22 @@ def test_dedup_table_handles_no_ops_itself() -> None:
     table = DedupTable()
     assert not table.handles("kv.put")
     assert table.apply(1, put("a", None))["code"] == "unknown_op"
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=8,
+)
+
+
+@given(st.integers(0, 2**63), st.text(max_size=12), st.text(max_size=16), _json_values)
+def test_entry_encoding_is_the_canonical_json_record(
+    index: int, op: str, digest: str, result: object
+) -> None:
+    """The spliced encoding must be byte-for-byte what json.dumps of the record gives,
+    and decode back to the same entry."""
+    entry = _Entry(index, op, digest, _to_json(result))
+    record = {"index": index, "op": op, "args": digest, "result": result}
+    assert entry.encode() == json.dumps(record, separators=(",", ":"), sort_keys=True)
+    assert _Entry.decode(entry.encode()) == entry
