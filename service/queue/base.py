@@ -47,6 +47,7 @@ REMOTE_POLL_SECONDS = 0.5
 HEARTBEAT_SECONDS = 0.2
 # A follower node that answered no replication call for this long leaves the ISR.
 PEER_DOWN_SECONDS = 0.7
+_LANES = {"replicate": "replication", "propose": "control"}
 
 
 class QueueError(Exception):
@@ -231,8 +232,9 @@ class QueueServiceBase:
         if self.calls is not None:
             # Batched with every other call to that node in this loop turn.
             try:
-                # Replication gets a lane of its own: publishes wait on it.
-                lane = "replication" if name == "replicate" else "default"
+                # Publishes wait on replication and on ISR changes (proposals): those
+                # get lanes of their own, so waiting publishes can never hold them up.
+                lane = _LANES.get(name, "default")
                 return await asyncio.wait_for(
                     self.calls.call(url, f"queue.{name}", body, lane=lane), timeout
                 )

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 CALLS_PATH = "/internal/v1/calls"
 CONTENT_TYPE = "application/x-msgpack"
 DEFAULT_TIMEOUT_SECONDS = 10.0
-DEFAULT_MAX_IN_FLIGHT = 4
+DEFAULT_MAX_IN_FLIGHT = 64
 DEFAULT_MAX_BATCH = 256
 
 
