@@ -360,6 +360,8 @@ class RaftCore:
             self.log.mark_stable(rd.entries[-1].index)
         if rd.committed:
             self.applied = max(self.applied, rd.committed[-1].index)
+        if rd.entries and self.role == Role.LEADER:
+            self._maybe_commit()  # our own copy now counts
 
     def status(self) -> RaftStatus:
         progress = {
@@ -739,8 +741,12 @@ class RaftCore:
             self._send_append(m.src)
 
     def _maybe_commit(self) -> None:
+        # The leader counts itself only for what it has persisted (thesis 10.2.1): the
+        # runner may send AppendEntries before its own write of them completes, so an
+        # entry in memory here could otherwise commit with one durable copy.
+        stable = min(self.log.last_index, self.log.unstable_from - 1)
         matches = sorted(
-            [self.log.last_index if self.id in self.voters else 0]
+            [stable if self.id in self.voters else 0]
             + [self._progress[p].match for p in self.peers],
             reverse=True,
         )

@@ -163,6 +163,11 @@ class ReadState:
 class Ready:
     """Everything the runner must do, in order: persist, send, apply, then advance().
 
+    One exception to the order: a leader's AppendRequests (`Ready.early_messages`) may
+    leave before the persist, so followers write the entries while the leader does
+    (thesis 10.2.1); the core counts the leader's own copy only once advance() says it
+    is persisted.
+
     `entries` replace the persisted log from `entries[0].index` on (a follower's conflicting
     suffix is truncated by the same write). `snapshot`, when set, replaces the whole log
     up to its index and must be persisted before the entries.
@@ -175,6 +180,21 @@ class Ready:
     committed: list[Entry] = field(default_factory=list)
     read_states: list[ReadState] = field(default_factory=list)
     must_sync: bool = False
+
+    def early_messages(self, leading: bool) -> tuple[list[Message], list[Message]]:
+        """(messages that may be sent before this Ready is persisted, the rest).
+
+        Only a leader's AppendRequests: their entries and commit index stand on their
+        own, and the leader's term is already durable (persisted when it campaigned).
+        Everything else (votes, a follower's acknowledgements) speaks for what this node
+        has on disk, so it waits for the persist.
+        """
+        if not leading or not (self.entries or self.hard_state):
+            return [], self.messages
+        early: list[Message] = [m for m in self.messages if isinstance(m, AppendRequest)]
+        if not early:
+            return [], self.messages
+        return early, [m for m in self.messages if not isinstance(m, AppendRequest)]
 
     def is_empty(self) -> bool:
         return not (

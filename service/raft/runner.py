@@ -283,6 +283,9 @@ class RaftRunner:
             _settle(future, None)
 
     async def _handle_ready(self, rd: Ready) -> None:
+        early, messages = rd.early_messages(self.core.role == Role.LEADER)
+        if early and self.transport is not None:
+            self.transport.send(early)
         if rd.hard_state is not None or rd.entries or rd.snapshot is not None:
             started = time.monotonic()
             await self._persist(rd)
@@ -293,8 +296,8 @@ class RaftRunner:
                 self.metrics.raft_batch_entries.labels(self.core.id).observe(len(rd.entries))
         if rd.snapshot is not None:
             await self._install_snapshot(rd.snapshot)
-        if rd.messages and self.transport is not None:
-            self.transport.send(rd.messages)
+        if messages and self.transport is not None:
+            self.transport.send(messages)
         if rd.committed:
             await self._apply(rd)
         for read in rd.read_states:

@@ -912,3 +912,58 @@ def test_followers_name_the_leader_when_refusing_a_proposal():
     with pytest.raises(NotLeader) as info:
         net.cores["b"].propose(b"x")
     assert info.value.leader == "a"
+
+
+def test_a_leader_counts_itself_only_for_entries_it_has_persisted():
+    """Thesis 10.2.1: "the leader can write to its disk in parallel with replicating to
+    the followers ... the leader may commit an entry before it has written it to its own
+    disk" only if a majority of *other* servers have; so it must count its own copy only
+    once that write is done. The runner sends a leader's AppendEntries (Ready.
+    early_messages) before persisting the Ready; an acknowledgement that arrives first
+    must not commit the entry on the strength of the leader's unwritten copy."""
+    net = Net()
+    leader = net.elect("a")
+    index, _ = leader.propose(b"x")
+    rd = leader.ready()
+    early, later = rd.early_messages(leading=True)
+    assert early and all(isinstance(m, AppendRequest) for m in early)
+    assert not any(isinstance(m, AppendRequest) for m in later)
+    assert [m.entries[-1].index for m in early if m.dst == "b"] == [index]
+    # b persists and acknowledges while a's own write is still running.
+    net.cores["b"].step(next(m for m in early if m.dst == "b"))
+    net.handle("b")
+    ack = next(m for m in net.queue if isinstance(m, AppendResponse) and m.dst == "a")
+    leader.step(ack)
+    assert leader.commit < index  # one durable copy (b's) is not a majority of three
+    # a's write completes: now two durable copies, a majority.
+    net.disks["a"].write(rd)
+    leader.advance(rd)
+    assert leader.commit == index
+    assert leader.has_ready()  # the commit is applied in the next Ready
+
+
+def test_only_a_leaders_appends_may_leave_before_its_persist():
+    """Votes and a follower's acknowledgements speak for what is on disk: they wait."""
+    net = Net(config=RaftConfig(election_ticks=ELECTION, heartbeat_ticks=HEARTBEAT,
+                                prevote=False))
+    candidate = net.campaign("a")
+    rd = candidate.ready()
+    assert rd.hard_state is not None and rd.messages  # the vote for itself, to persist
+    assert candidate.role == Role.CANDIDATE
+    assert rd.early_messages(leading=False) == ([], rd.messages)
+    net.disks["a"].write(rd)
+    candidate.advance(rd)
+    net.queue.extend(rd.messages)
+    net.deliver()
+    # A follower's Ready holding entries and its acknowledgement: nothing goes early.
+    leader = net.cores["a"]
+    assert leader.role == Role.LEADER
+    leader.propose(b"y")
+    net.flush()
+    append = next(m for m in net.queue if isinstance(m, AppendRequest) and m.dst == "b")
+    net.queue.clear()
+    follower = net.cores["b"]
+    follower.step(append)
+    frd = follower.ready()
+    assert frd.entries and any(isinstance(m, AppendResponse) for m in frd.messages)
+    assert frd.early_messages(leading=follower.role == Role.LEADER) == ([], frd.messages)

@@ -274,8 +274,11 @@ class Cluster:
         durable_work = rd.hard_state is not None or bool(rd.entries) or rd.snapshot is not None
         if (durable_work or rd.messages) and self.rng.random() < self.faults.crash_in_ready:
             crash_at = self.rng.choice(CRASH_POINTS)
+        early, messages = rd.early_messages(core.role == Role.LEADER)
+        for m in early:
+            self._send(m)  # as the runner does: a leader's appends leave before its persist
         if crash_at == "before_persist":
-            self.crash(node, "before persisting a Ready (its writes and messages are lost)")
+            self.crash(node, "before persisting a Ready (its writes and later messages are lost)")
             return
         if rd.hard_state is not None:
             self.checker.on_persist_hard_state(node.id, rd.hard_state)
@@ -286,7 +289,7 @@ class Cluster:
         if rd.snapshot is not None:
             node.disk.install(rd.snapshot)
             self.checker.snapshots_installed += 1
-        for m in rd.messages:
+        for m in messages:
             self._send(m)
         if crash_at == "after_send":
             self.crash(node, "after sending a Ready's messages, before applying")
