@@ -66,8 +66,7 @@ routes = web.RouteTableDef()
 
 def leader_call(name: str) -> Callable[[LeaderCall], LeaderCall]:
     def register(handler: LeaderCall) -> LeaderCall:
-        if name in _CALLS or name in _PEER_CALLS:
-            raise ValueError(f"call {name!r} is registered twice")
+        _claim(name)
         _CALLS[name] = handler
         return handler
 
@@ -76,12 +75,16 @@ def leader_call(name: str) -> Callable[[LeaderCall], LeaderCall]:
 
 def peer_call(name: str) -> Callable[[PeerCall], PeerCall]:
     def register(handler: PeerCall) -> PeerCall:
-        if name in _CALLS or name in _PEER_CALLS:
-            raise ValueError(f"call {name!r} is registered twice")
+        _claim(name)
         _PEER_CALLS[name] = handler
         return handler
 
     return register
+
+
+def _claim(name: str) -> None:
+    if name in _CALLS or name in _PEER_CALLS:
+        raise ValueError(f"call {name!r} is registered twice")
 
 
 async def run_on_leader(

@@ -183,14 +183,20 @@ async def acquire(request: web.Request) -> web.StreamResponse:
 
 @leader_call("lock.acquire")
 async def _acquire(node: Node, args: dict[str, Any]) -> dict[str, Any]:
-    locks = _locks_of(node)
     body = args["body"]
     name = _name(None, args["name"])
+    return await _grant(node, name, body, _mode(body), args["rid"])
+
+
+async def _grant(
+    node: Node, name: str, body: dict[str, Any], mode: str, rid_header: str | None
+) -> dict[str, Any]:
+    """Acquire (or wait for) `name` as the body asks; the grant's JSON, else the error."""
+    locks = _locks_of(node)
     owner = _owner(body)
-    mode = _mode(body)
     ttl_ms = field_int(body, "ttl_ms", DEFAULT_TTL_MS, MIN_TTL_MS, MAX_TTL_MS)
     wait_ms = field_int(body, "wait_ms", 0, 0, MAX_WAIT_MS)
-    rid = request_id_from(body, args["rid"])
+    rid = request_id_from(body, rid_header)
     result = await locks.acquire(name, owner, mode, ttl_ms, wait_ms, rid)
     if result.get("status") != "granted":
         _raise_for(result)
@@ -318,17 +324,10 @@ async def seed_lock(request: web.Request) -> web.StreamResponse:
 
 @leader_call("lock.seed_lock")
 async def _seed_lock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
-    locks = _locks_of(node)
     body = args["body"]
     name = _name(None, field_str(body, "resource", max_bytes=MAX_NAME_BYTES))
-    owner = _owner(body)
-    ttl_ms = field_int(body, "ttl_ms", DEFAULT_TTL_MS, MIN_TTL_MS, MAX_TTL_MS)
-    wait_ms = field_int(body, "wait_ms", 0, 0, MAX_WAIT_MS)
-    rid = request_id_from(body, args["rid"])
-    result = await locks.acquire(name, owner, "exclusive", ttl_ms, wait_ms, rid)
-    if result.get("status") != "granted":
-        _raise_for(result)
-    return {"success": True, "resource": name, **_grant_json(locks, result)}
+    grant = await _grant(node, name, body, "exclusive", args["rid"])
+    return {"success": True, "resource": name, **grant}
 
 
 @routes.post("/unlock")

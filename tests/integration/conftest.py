@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from service.cluster import LocalCluster, free_base_port
 from service.config import REDIS_PORT_OFFSET
 
-__all__ = ["REDIS_PORT_OFFSET", "free_base_port", "make_cluster"]
+__all__ = ["REDIS_PORT_OFFSET", "free_base_port", "make_cluster", "running_cluster"]
 
 
 def make_cluster(tmp_path: Path, size: int = 3, **env: str) -> LocalCluster:
@@ -35,11 +36,10 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
         _dump_logs_on_failure(c)
 
 
-@pytest.fixture(scope="module")
-def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """One running 3-node cluster shared by a module's tests (starting one costs seconds);
-    each test uses names of its own."""
-    cluster = make_cluster(Path(tmp_path_factory.mktemp("cluster")))
+@contextlib.contextmanager
+def running_cluster(path: Path, **env: str) -> Iterator[LocalCluster]:
+    """A started 3-node cluster with a leader, stopped (and killed if need be) after."""
+    cluster = make_cluster(path, **env)
     cluster.start()
     try:
         cluster.wait_for_leader(30)
@@ -47,6 +47,14 @@ def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     finally:
         cluster.stop(timeout=10)
         cluster.kill_all()
+
+
+@pytest.fixture(scope="module")
+def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One running 3-node cluster shared by a module's tests (starting one costs seconds);
+    each test uses names of its own."""
+    with running_cluster(Path(tmp_path_factory.mktemp("cluster"))) as cluster:
+        yield cluster
 
 
 def _dump_logs_on_failure(c: LocalCluster) -> None:

@@ -17,7 +17,7 @@ import pytest
 from service.cluster import LocalCluster, http_json
 from service.transport.calls import CALLS_PATH
 from service.transport.http import RAFT_PATH
-from tests.integration.conftest import make_cluster
+from tests.integration.conftest import running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +26,8 @@ SECRET = "integration-test-secret"
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = make_cluster(Path(tmp_path_factory.mktemp("secured")), CLUSTER_SECRET=SECRET)
-    cluster.start()
-    try:
-        cluster.wait_for_leader(30)
-        yield cluster
-    finally:
-        cluster.stop(timeout=10)
-        cluster.kill_all()
+    with running_cluster(Path(tmp_path_factory.mktemp("secured")), CLUSTER_SECRET=SECRET) as c:
+        yield c
 
 
 def _follower(c: LocalCluster) -> str:
