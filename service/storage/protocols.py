@@ -82,18 +82,24 @@ class HashWrite:
 def merge_hash_writes(writes: Sequence[HashWrite]) -> list[HashWrite]:
     """The same changes in one write per key: applying the result has the effect of
     applying `writes` in order. Fewer, larger commands when a background writer has
-    fallen a few batches behind (a lock acquired and released in between is one write)."""
-    merged: dict[str, HashWrite] = {}
+    fallen a few batches behind (a lock acquired and released in between is one write).
+    Linear in the total number of fields (a busy dedup hash gets many writes a batch)."""
+    merged: dict[str, tuple[bool, dict[str, str], set[str]]] = {}
     for write in writes:
         before = merged.get(write.key)
         if before is None or write.drop:
-            merged[write.key] = write
+            merged[write.key] = (write.drop, dict(write.fields), set(write.deleted))
             continue
-        fields = {k: v for k, v in before.fields.items() if k not in write.deleted}
+        _, fields, deleted = before
+        for name in write.deleted:
+            fields.pop(name, None)
+            deleted.add(name)
+        deleted.difference_update(write.fields)
         fields.update(write.fields)
-        deleted = {*before.deleted, *write.deleted}.difference(write.fields)
-        merged[write.key] = HashWrite(write.key, fields, tuple(sorted(deleted)), before.drop)
-    return list(merged.values())
+    return [
+        HashWrite(key, fields, tuple(sorted(deleted)), drop)
+        for key, (drop, fields, deleted) in merged.items()
+    ]
 
 
 class StateStore(Protocol):
