@@ -61,8 +61,15 @@ def _read_body(key: str, done: ReadDone) -> str:
 
 @routes.get("/v1/cache")
 async def describe(request: web.Request) -> web.Response:
+    """This node's cache; with `?scope=cluster` (an addition) every node's and totals."""
+    scope = request.query.get("scope", "node")
+    if scope not in ("node", "cluster"):
+        raise bad_request("'scope' must be \"node\" or \"cluster\"")
     try:
-        return web.json_response(_service(request).describe())
+        cache = _service(request)
+        if scope == "cluster":
+            return web.json_response(await cache.describe_cluster())
+        return web.json_response(cache.describe())
     except CacheError as exc:
         raise _failed(exc) from exc
 
@@ -167,6 +174,15 @@ async def messages(request: web.Request) -> web.Response:
         raise bad_request(f"every message's sender must be the {FROM_HEADER} header")
     cache.receive(sender, batch)
     return _packed({"n": len(batch)})
+
+
+@routes.post(f"{INTERNAL}/describe")
+async def describe_internal(request: web.Request) -> web.Response:
+    cache, _ = await _internal_body(request)
+    try:
+        return _packed(cache.describe())
+    except CacheError as exc:
+        raise _failed(exc) from exc
 
 
 @routes.post(f"{INTERNAL}/inspect")

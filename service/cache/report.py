@@ -64,6 +64,29 @@ def update_metrics(service: CacheService) -> None:
         m.cache_lines.labels(node, state).set(count)
 
 
+def totals(views: list[dict[str, Any]]) -> dict[str, Any]:
+    """The counts of several nodes' describe() that add up, and the overall hit ratio."""
+    hits = sum(int(v.get("hits", 0)) for v in views)
+    misses = sum(int(v.get("misses", 0)) for v in views)
+    states: dict[str, int] = {}
+    for view in views:
+        for state, count in view.get("states", {}).items():
+            states[state] = states.get(state, 0) + int(count)
+    return {
+        "nodes_answering": len(views),
+        "entries": sum(int(v.get("size", {}).get("entries", 0)) for v in views),
+        "bytes": sum(int(v.get("size", {}).get("bytes", 0)) for v in views),
+        "hits": hits,
+        "misses": misses,
+        "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else 0.0,
+        "states": states,
+        "invalidations_sent": sum(int(v.get("invalidations_sent", 0)) for v in views),
+        "write_backs": sum(int(v.get("write_backs", 0)) for v in views),
+        "evictions": sum(int(v.get("evictions", 0)) for v in views),
+        "directory_entries": sum(int(v.get("directory", {}).get("entries", 0)) for v in views),
+    }
+
+
 def describe(service: CacheService) -> dict[str, Any]:
     lines, directory = service.lines, service.directory
     if lines is None or directory is None:

@@ -416,13 +416,33 @@ class CacheService:
     async def _inspect_on(self, node: str, key: str) -> dict[str, Any] | None:
         if node == self.node_id:
             return self.inspect_local(key)
+        return await self._ask(node, "inspect", {"key": key})
+
+    async def describe_cluster(self) -> dict[str, Any]:
+        """Every member's describe(), and totals of the counts that add up."""
+        views = await asyncio.gather(*(self._describe_on(node) for node in self.members))
+        nodes: dict[str, Any] = {}
+        for node, view in zip(self.members, views, strict=True):
+            nodes[node] = view if view is not None else {"error": "unavailable"}
+        return {"nodes": nodes, "totals": report.totals([v for v in views if v is not None])}
+
+    async def _describe_on(self, node: str) -> dict[str, Any] | None:
+        if node != self.node_id:
+            return await self._ask(node, "describe", {})
+        try:
+            return self.describe()
+        except CacheError:
+            return None  # still starting
+
+    async def _ask(self, node: str, route: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """A read-only question to a peer's cache; None when it does not answer."""
         url = self.peer_urls.get(node)
         if url is None or self._session is None:
             return None
         try:
             async with self._session.post(
-                f"{url}{INTERNAL}/inspect",
-                data=msgpack.packb({"key": key}, use_bin_type=True),
+                f"{url}{INTERNAL}/{route}",
+                data=msgpack.packb(body, use_bin_type=True),
                 headers=self._headers(),
                 timeout=aiohttp.ClientTimeout(total=INSPECT_TIMEOUT_SECONDS),
             ) as response:

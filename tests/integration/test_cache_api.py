@@ -158,6 +158,25 @@ def test_the_cache_and_metrics_report_hits_states_and_invalidations(c: LocalClus
         assert series in text, series
 
 
+def test_cluster_scope_reports_every_node_and_totals(c: LocalCluster) -> None:
+    key = new_key()
+    assert call(c, 0, "PUT", path(key), {"value": 1})[0] == 200
+    for node in (1, 2):
+        assert call(c, node, "GET", path(key))[0] == 200
+    status, view = call(c, 2, "GET", "/v1/cache?scope=cluster")
+    assert status == 200, view
+    nodes, totals = view["nodes"], view["totals"]
+    assert sorted(nodes) == sorted(n.node_id for n in c.nodes)
+    assert totals["nodes_answering"] == c.size
+    for field in ("hits", "misses", "write_backs", "evictions", "invalidations_sent"):
+        assert totals[field] == sum(nodes[n][field] for n in nodes), field
+    assert totals["entries"] == sum(nodes[n]["size"]["entries"] for n in nodes)
+    assert totals["states"]["S"] == sum(nodes[n]["states"]["S"] for n in nodes)
+    assert totals["entries"] >= 3  # the key is cached on every node now
+    status, err = call(c, 0, "GET", "/v1/cache?scope=everything")
+    assert (status, err["error"]["code"]) == (400, "bad_request")
+
+
 def test_lines_and_directory_entries_are_mirrored_in_redis(c: LocalCluster) -> None:
     key = new_key()
     call(c, 0, "PUT", path(key), {"value": "mirrored"})
