@@ -43,3 +43,24 @@ def test_cache_bench_reports_hits_misses_and_writes(c: LocalCluster) -> None:
     assert re.search(r"hit ratio \(reads\): [0-9.]+", out)
     for label in ("read hits", "writes"):
         assert re.search(label + r"\s*: n=\d+ p50 [0-9.]+ ms", out), label
+
+
+def test_locust_users_run_without_failures(c: LocalCluster) -> None:
+    """What `make bench` runs: every user class of the locustfile, headless, against all
+    nodes; Locust exits non-zero if any request failed."""
+    urls = ",".join(node.url for node in c.nodes)
+    command = [
+        sys.executable, "-m", "locust", "-f", "benchmarks/locustfile.py", "--headless",
+        "--only-summary", "-u", "8", "-r", "8", "-t", "4s", "--host", urls,
+        "LockUser", "QueueUser", "CacheUser", "SeedScenarioUser",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=90)
+    print(done.stdout[-3000:], done.stderr[-3000:])
+    assert done.returncode == 0
+    summary = done.stdout + done.stderr
+    aggregated = re.search(r"Aggregated\s+(\d+)\s+(\d+)\(", summary)
+    assert aggregated is not None, "no Locust summary"
+    assert int(aggregated.group(1)) > 0 and int(aggregated.group(2)) == 0
+    for name in ("/v1/locks/[own] acquire", "/v1/queues/[q]/messages", "/v1/cache/[key]",
+                 "/lock", "/enqueue"):
+        assert name in summary, name
