@@ -68,6 +68,13 @@ class NodeMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
             registry=r,
         )
+        self.peer_call_batch_calls = Histogram(
+            "dsync_peer_call_batch_calls",
+            "Calls per batched node-to-node request (forwarded writes, queue RPCs), by lane",
+            [*n, "lane"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.raft_snapshots = Counter(
             "dsync_raft_snapshots_total", "Snapshots taken or installed", [*n, "kind"], registry=r
         )

@@ -241,7 +241,12 @@ class Node:
             retry_deadline=0.25,
             connections_per_host=128,
         )
-        self.calls = CallBatcher(self.node_id, secret=settings.cluster_secret)
+        batch_sizes = self.metrics.peer_call_batch_calls
+        self.calls = CallBatcher(
+            self.node_id,
+            secret=settings.cluster_secret,
+            on_batch=lambda lane, calls: batch_sizes.labels(self.node_id, lane).observe(calls),
+        )
         await self.transport.start()
         if self.queues is not None:
             assert self.redis is not None

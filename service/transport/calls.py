@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ class _Call:
 @dataclass(slots=True)
 class _Peer:
     url: str
+    lane: str
     queued: list[_Call] = field(default_factory=list)
     in_flight: int = 0
     flush_scheduled: bool = False
@@ -66,7 +67,9 @@ class CallBatcher:
         connect_timeout: float = 0.5,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_batch: int = DEFAULT_MAX_BATCH,
+        on_batch: Callable[[str, int], None] | None = None,
     ) -> None:
+        """`on_batch(lane, calls)` is told the size of every batch sent (for metrics)."""
         if max_in_flight < 1 or max_batch < 1:
             raise ValueError("max_in_flight and max_batch must be at least 1")
         self.node_id = node_id
@@ -75,6 +78,7 @@ class CallBatcher:
         self._connect_timeout = connect_timeout
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
+        self._on_batch = on_batch
         self._peers: dict[tuple[str, str], _Peer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -102,7 +106,7 @@ class CallBatcher:
             raise ValueError(f"call arguments cannot be encoded: {exc}") from exc
         peer = self._peers.get((url, lane))
         if peer is None:
-            peer = self._peers[url, lane] = _Peer(url)
+            peer = self._peers[url, lane] = _Peer(url, lane)
         future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
         peer.queued.append(_Call(name, args, future))
         self._schedule(peer)
@@ -137,6 +141,8 @@ class CallBatcher:
         batch = peer.queued[: self._max_batch]
         del peer.queued[: self._max_batch]
         peer.in_flight += 1
+        if self._on_batch is not None:
+            self._on_batch(peer.lane, len(batch))
         task = asyncio.create_task(self._send(peer, batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

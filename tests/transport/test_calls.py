@@ -286,3 +286,15 @@ async def test_lanes_have_their_own_in_flight_limit(
     assert not publish.done()
     release.set()
     assert await publish == (200, {"call": "publish", "n": 0})
+
+
+async def test_every_batch_is_reported_with_its_lane_and_size(peers: list[Peer]) -> None:
+    seen: list[tuple[str, int]] = []
+    batcher = CallBatcher("n2", on_batch=lambda lane, calls: seen.append((lane, calls)))
+    try:
+        peer = await _peer(peers)
+        await asyncio.gather(*(batcher.call(peer.url, "op", {"n": i}) for i in range(5)))
+        await batcher.call(peer.url, "op", {"n": 9}, lane="replication")
+    finally:
+        await batcher.close()
+    assert seen == [("default", 5), ("replication", 1)]
