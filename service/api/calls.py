@@ -95,13 +95,6 @@ async def run_on_leader(
     handler = _CALLS[name]
     if node.runner is None:
         return error_response(503, "unavailable", "node is starting; retry shortly")
-    if node.is_leader():
-        try:
-            return web.json_response(await handler(node, args))
-        except NotLeader:
-            pass  # leadership moved before the command was proposed: send it on
-    if not quick or node.calls is None:
-        return await forward(request)
     idempotent = is_idempotent_body(request, args.get("body"))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LEADER_WAIT_SECONDS
@@ -116,8 +109,11 @@ async def run_on_leader(
             try:
                 return web.json_response(await handler(node, args))
             except NotLeader:
+                # Leadership moved before the command was proposed: send it on.
                 refused_by = leader
                 continue
+        if not quick or node.calls is None:
+            return await forward(request)
         url = node.peer_urls.get(leader)
         if url is None:
             return error_response(503, "no_leader", f"leader {leader} has no known address")
