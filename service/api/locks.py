@@ -33,16 +33,16 @@ MAX_TOKEN = 2**63 - 1
 
 
 def _service(request: web.Request) -> LockService:
-    locks = request.app[NODE_KEY].locks
-    if locks is None:
+    return _locks_of(request.app[NODE_KEY])
+
+
+def _locks_of(node: Node) -> LockService:
+    if node.locks is None:
         raise ApiError(503, "unavailable", "the lock service is not running on this node")
-    return locks
+    return node.locks
 
 
-def _name(request: web.Request | None, raw: str | None = None) -> str:
-    if raw is None and request is not None:
-        raw = request.match_info["name"]
-    name = raw
+def _name(name: str | None) -> str:
     if not name:
         raise bad_request("lock name must not be empty")
     size = len(name.encode("utf-8", "surrogatepass"))
@@ -162,12 +162,6 @@ def _call_args(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _locks_of(node: Node) -> LockService:
-    if node.locks is None:
-        raise ApiError(503, "unavailable", "the lock service is not running on this node")
-    return node.locks
-
-
 def _blocks(body: dict[str, Any]) -> bool:
     # A blocking acquire can hold its answer for wait_ms: it gets its own forward.
     return bool(body.get("wait_ms"))
@@ -184,7 +178,7 @@ async def acquire(request: web.Request) -> web.StreamResponse:
 @leader_call("lock.acquire")
 async def _acquire(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     body = args["body"]
-    name = _name(None, args["name"])
+    name = _name(args["name"])
     return await _grant(node, name, body, _mode(body), args["rid"])
 
 
@@ -213,7 +207,7 @@ async def release(request: web.Request) -> web.StreamResponse:
 async def _release(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     locks = _locks_of(node)
     body = args["body"]
-    name = _name(None, args["name"])
+    name = _name(args["name"])
     owner = _owner(body)
     token = _token(body)
     result = await locks.release(name, owner, token, request_id_from(body, args["rid"]))
@@ -232,7 +226,7 @@ async def keepalive(request: web.Request) -> web.StreamResponse:
 async def _keepalive(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     locks = _locks_of(node)
     body = args["body"]
-    name = _name(None, args["name"])
+    name = _name(args["name"])
     owner = _owner(body)
     token = _token(body)
     ttl_ms = body.get("ttl_ms")
@@ -262,7 +256,7 @@ async def cancel(request: web.Request) -> web.StreamResponse:
 async def _cancel(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     locks = _locks_of(node)
     body = args["body"]
-    name = _name(None, args["name"])
+    name = _name(args["name"])
     owner = _owner(body)
     seq = body.get("seq")
     if seq is not None:
@@ -283,7 +277,7 @@ async def _cancel(node: Node, args: dict[str, Any]) -> dict[str, Any]:
 @on_leader
 async def get_lock(request: web.Request) -> web.Response:
     locks = _service(request)
-    name = _name(request)
+    name = _name(request.match_info["name"])
     await _barrier(request)
     view = locks.get(name)
     if view is None or not (view.holders or view.waiters):
@@ -303,7 +297,7 @@ async def list_locks(request: web.Request) -> web.Response:
 @on_leader
 async def validate(request: web.Request) -> web.Response:
     locks = _service(request)
-    name = _name(request)
+    name = _name(request.match_info["name"])
     body = await read_json(request)
     token = _token(body)
     await _barrier(request)
@@ -325,7 +319,7 @@ async def seed_lock(request: web.Request) -> web.StreamResponse:
 @leader_call("lock.seed_lock")
 async def _seed_lock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     body = args["body"]
-    name = _name(None, field_str(body, "resource", max_bytes=MAX_NAME_BYTES))
+    name = _name(field_str(body, "resource", max_bytes=MAX_NAME_BYTES))
     grant = await _grant(node, name, body, "exclusive", args["rid"])
     return {"success": True, "resource": name, **grant}
 
@@ -342,7 +336,7 @@ async def seed_unlock(request: web.Request) -> web.StreamResponse:
 async def _seed_unlock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     locks = _locks_of(node)
     body = args["body"]
-    name = _name(None, field_str(body, "resource", max_bytes=MAX_NAME_BYTES))
+    name = _name(field_str(body, "resource", max_bytes=MAX_NAME_BYTES))
     owner = _owner(body)
     view = locks.get(name)
     hold = next((h for h in view.holders if h.owner == owner), None) if view else None
