@@ -1,7 +1,10 @@
 """Locks part of the REST contract (/v1/locks...) and the course prototype's aliases.
 
-Handlers validate, then run on the leader (`on_leader` forwards from followers): writes are
-Raft commands, reads pass a ReadIndex barrier first so they are linearizable.
+Everything runs on the leader. Writes are Raft commands: the route reads the body and
+`run_on_leader` runs the leader-side half (validation included) there, batched with
+other clients' writes when this node is a follower (service/api/calls.py). Reads go
+through `on_leader` (an HTTP forward from followers) and pass a ReadIndex barrier first,
+so they are linearizable.
 Additions to the contract: `POST /v1/locks/{name}/cancel` (give up a wait) and the
 `queued`/`position` fields a 409 `wait_timeout` never needs but GET shows for waiters.
 """
