@@ -1,5 +1,5 @@
 """Queues part of the REST contract (/v1/queues...), the prototype's /enqueue, /queue and
-/dequeue, and the node-to-node routes the queue service uses (/internal/v1/queue/...).
+/dequeue, and the node-to-node calls the queue service makes (`queue.*` peer calls).
 
 Additions to the contract: `PUT /v1/queues/{queue}` (create with options; publishing to
 an unknown queue creates it with the defaults) and `GET /v1/queues` (list).
@@ -7,13 +7,11 @@ an unknown queue creates it with the defaults) and `GET /v1/queues` (list).
 
 from __future__ import annotations
 
-import hmac
 import json
 import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 from aiohttp import web
 
 from service.api.calls import peer_call
@@ -21,8 +19,6 @@ from service.api.errors import ApiError, bad_request
 from service.api.forwarding import NODE_KEY
 from service.api.http import field_int, read_json
 from service.queue.base import (
-    INTERNAL,
-    MSGPACK,
     Delivered,
     QueueError,
     parse_receipt,
@@ -30,7 +26,6 @@ from service.queue.base import (
 from service.queue.meta import QueueOptions
 from service.queue.replica import NotPartitionLeader
 from service.queue.service import QueueService
-from service.transport.http import FROM_HEADER, SECRET_HEADER
 
 if TYPE_CHECKING:
     from service.node import Node
@@ -312,8 +307,8 @@ InternalHandler = Callable[[QueueService, str, dict[str, Any]], Awaitable[Any]]
 
 
 def _internal(name: str) -> Callable[[InternalHandler], InternalHandler]:
-    """Register a node-to-node queue RPC: as a batched peer call `queue.<name>` (what
-    QueueService uses) and as its own msgpack route under INTERNAL."""
+    """Register a node-to-node queue RPC as the batched peer call `queue.<name>` (what
+    QueueService._rpc sends; service/api/calls.py checks the cluster secret)."""
 
     def register(handler: InternalHandler) -> InternalHandler:
         async def run(node: Node, sender: str, body: Any) -> tuple[int, Any]:
@@ -331,31 +326,10 @@ def _internal(name: str) -> Callable[[InternalHandler], InternalHandler]:
             except (KeyError, TypeError, ValueError) as exc:
                 return 400, {"error": {"code": "bad_request", "message": repr(exc)}}
 
-        async def route(request: web.Request) -> web.Response:
-            node = request.app[NODE_KEY]
-            secret = node.settings.cluster_secret
-            if secret is not None:
-                given = request.headers.get(SECRET_HEADER, "")
-                if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
-                                           secret.encode()):
-                    return _packed({"error": {"code": "unauthorized"}}, 401)
-            try:
-                body = msgpack.unpackb(await request.read(), raw=False, strict_map_key=False)
-            except ValueError as exc:
-                return _packed({"error": {"code": "bad_request", "message": str(exc)}}, 400)
-            status, reply = await run(node, request.headers.get(FROM_HEADER, ""), body)
-            return _packed(reply, status)
-
         peer_call(f"queue.{name}")(run)
-        routes.post(f"{INTERNAL}/{name}")(route)
         return handler
 
     return register
-
-
-def _packed(value: Any, status: int) -> web.Response:
-    data = msgpack.packb(value, use_bin_type=True)
-    return web.Response(body=data, status=status, content_type=MSGPACK)
 
 
 @_internal("replicate")

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import msgpack
 
 from service.metrics import NodeMetrics
 from service.queue.meta import QueueMetaMachine
@@ -26,12 +25,9 @@ from service.raft.runner import RaftRunner
 from service.statemachine import Command
 from service.transport.calls import CallBatcher
 from service.transport.forward import ForwardError
-from service.transport.http import FROM_HEADER, SECRET_HEADER
 
 log = logging.getLogger("dsync.queue")
 
-INTERNAL = "/internal/v1/queue"
-MSGPACK = "application/msgpack"
 PUBLISH_TIMEOUT_SECONDS = 5.0
 REPLICATE_TIMEOUT_SECONDS = 2.0
 RPC_TIMEOUT_SECONDS = 3.0
@@ -102,7 +98,6 @@ class QueueServiceBase:
         self.calls: CallBatcher | None = None
         self.replicas: dict[tuple[str, int], PartitionReplica] = {}
         self._loading: dict[tuple[str, int], asyncio.Future[PartitionReplica]] = {}
-        self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake: dict[str, asyncio.Event] = {}
         self._reconcile_needed = asyncio.Event()
@@ -227,30 +222,15 @@ class QueueServiceBase:
     async def _rpc(self, node: str, name: str, body: dict[str, Any],
                    timeout: float = RPC_TIMEOUT_SECONDS) -> tuple[int, Any]:
         url = self.peer_urls.get(node)
-        if url is None:
+        if url is None or self.calls is None:
             raise aiohttp.ClientError(f"no address for {node}")
-        if self.calls is not None:
-            # Batched with every other call to that node in this loop turn.
-            try:
-                # Publishes wait on replication and on ISR changes (proposals): those
-                # get lanes of their own, so waiting publishes can never hold them up.
-                lane = _LANES.get(name, "default")
-                return await asyncio.wait_for(
-                    self.calls.call(url, f"queue.{name}", body, lane=lane), timeout
-                )
-            except ForwardError as exc:
-                raise aiohttp.ClientConnectionError(str(exc)) from exc
-        if self._session is None:
-            raise aiohttp.ClientError(f"no address for {node}")
-        headers = {"Content-Type": MSGPACK, FROM_HEADER: self.node_id}
-        if self.secret:
-            headers[SECRET_HEADER] = self.secret
-        data = msgpack.packb(body, use_bin_type=True)
-        async with self._session.post(
-            f"{url}{INTERNAL}/{name}", data=data, headers=headers,
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as response:
-            raw = await response.read()
-            if response.content_type == MSGPACK:
-                return response.status, msgpack.unpackb(raw, raw=False, strict_map_key=False)
-            return response.status, {}
+        # Batched with every other call to that node in this loop turn. Publishes wait on
+        # replication and on ISR changes (proposals): those get lanes of their own, so
+        # waiting publishes can never hold them up.
+        lane = _LANES.get(name, "default")
+        try:
+            return await asyncio.wait_for(
+                self.calls.call(url, f"queue.{name}", body, lane=lane), timeout
+            )
+        except ForwardError as exc:
+            raise aiohttp.ClientConnectionError(str(exc)) from exc

@@ -32,7 +32,6 @@ from service.queue.base import (
     LONG_POLL_SLICE_SECONDS,
     PUBLISH_TIMEOUT_SECONDS,
     REMOTE_POLL_SECONDS,
-    RPC_TIMEOUT_SECONDS,
     Delivered,
     QueueError,
     log,
@@ -63,10 +62,6 @@ class QueueService(ReplicationMixin, ControlMixin):
         self.runner = runner
         runner.add_apply_listener(self._on_apply)
         runner.add_role_listener(self._on_role)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, limit_per_host=64),
-            timeout=aiohttp.ClientTimeout(total=RPC_TIMEOUT_SECONDS),
-        )
         self._started_at = asyncio.get_running_loop().time()
         for peer in self.peer_urls:
             self._wake[peer] = asyncio.Event()
@@ -86,8 +81,6 @@ class QueueService(ReplicationMixin, ControlMixin):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(replica.flush(), 2.0)
             replica.step_down()
-        if self._session is not None:
-            await self._session.close()
 
     def _on_apply(self, index: int, command: Command, result: Any) -> None:
         if command.op.startswith("queue."):

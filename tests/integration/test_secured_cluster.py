@@ -79,7 +79,7 @@ def test_cache_across_nodes(secured: LocalCluster) -> None:
     assert (status, body.get("value")) == (200, "v1"), body
 
 
-@pytest.mark.parametrize("path", [CALLS_PATH, RAFT_PATH, "/internal/v1/queue/stats"])
+@pytest.mark.parametrize("path", [CALLS_PATH, RAFT_PATH, "/internal/v1/cache/messages"])
 def test_node_to_node_routes_refuse_a_request_without_the_secret(
     secured: LocalCluster, path: str
 ) -> None:
