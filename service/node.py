@@ -245,6 +245,8 @@ class Node:
         self.calls = CallBatcher(
             self.node_id,
             secret=settings.cluster_secret,
+            # Blocking lock waits hold their batch for up to wait_ms.
+            lane_limits={"wait": 512},
             on_batch=lambda lane, calls: batch_sizes.labels(self.node_id, lane).observe(calls),
         )
         await self.transport.start()

@@ -1,12 +1,12 @@
-"""Batched node-to-node calls: quick writes run on the Raft leader, and service RPCs.
+"""Batched node-to-node calls: writes that run on the Raft leader, and service RPCs.
 
 Leader calls. A route registers the leader-side half of a write with
 `@leader_call("lock.acquire")`: a coroutine taking the node and JSON-able args and
 returning the 200 body (or raising ApiError). `run_on_leader` runs it here when this
 node leads, and otherwise sends it to the leader through the node's CallBatcher
 (service/transport/calls.py), which packs the calls of many clients into one peer
-request. Slow calls (a blocking wait) and calls whose args cannot travel keep the plain
-HTTP forward of service/api/forwarding.py.
+request; a call that may wait (`wait_ms`) travels in a lane of its own. Calls whose
+args cannot travel keep the plain HTTP forward of service/api/forwarding.py.
 
 The leader side answers every call with `[status, body]`; a node that is no longer the
 leader answers NOT_LEADER without running it, and the caller sends it to the new leader.
@@ -33,11 +33,13 @@ from aiohttp import web
 
 from service.api.errors import ApiError, error_body, error_response
 from service.api.forwarding import (
+    FORWARD_TIMEOUT_SECONDS,
     LEADER_WAIT_SECONDS,
     NODE_KEY,
     forward,
     forward_failed,
     is_idempotent_body,
+    wait_seconds,
 )
 from service.api.http import raft_error
 from service.raft.core import NotLeader
@@ -88,14 +90,20 @@ def _claim(name: str) -> None:
 
 
 async def run_on_leader(
-    request: web.Request, name: str, args: dict[str, Any], *, quick: bool = True
+    request: web.Request, name: str, args: dict[str, Any]
 ) -> web.StreamResponse:
-    """Answer `request` with call `name` run on the leader (here, or batched there)."""
+    """Answer `request` with call `name` run on the leader (here, or batched there).
+
+    A call that may wait (a body with `wait_ms`) goes in the `wait` lane, with a timeout
+    that covers its wait; the rest share the default lane."""
     node = request.app[NODE_KEY]
     handler = _CALLS[name]
     if node.runner is None:
         return error_response(503, "unavailable", "node is starting; retry shortly")
     idempotent = is_idempotent_body(request, args.get("body"))
+    waits = wait_seconds(args.get("body"))
+    lane = "wait" if waits > 0 else "default"
+    timeout = FORWARD_TIMEOUT_SECONDS + waits
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LEADER_WAIT_SECONDS
     refused_by: str | None = None
@@ -112,13 +120,13 @@ async def run_on_leader(
                 # Leadership moved before the command was proposed: send it on.
                 refused_by = leader
                 continue
-        if not quick or node.calls is None:
+        if node.calls is None:
             return await forward(request)
         url = node.peer_urls.get(leader)
         if url is None:
             return error_response(503, "no_leader", f"leader {leader} has no known address")
         try:
-            status, body = await node.calls.call(url, name, args)
+            status, body = await node.calls.call(url, name, args, lane=lane, timeout=timeout)
         except ValueError:
             return await forward(request)  # args msgpack cannot carry; JSON can
         except ForwardError as exc:

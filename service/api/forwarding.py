@@ -81,7 +81,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
                 url + request.rel_url.path_qs,
                 body or None,
                 headers=headers,
-                timeout=FORWARD_TIMEOUT_SECONDS + _wait_seconds(parsed),
+                timeout=FORWARD_TIMEOUT_SECONDS + wait_seconds(parsed),
                 idempotent=idempotent,
             )
         except ForwardError as exc:
@@ -119,7 +119,8 @@ def _parse(body: bytes) -> Any:
         return None  # the leader will answer the client's malformed JSON with a 400
 
 
-def _wait_seconds(parsed: Any) -> float:
+def wait_seconds(parsed: Any) -> float:
+    """How long the request may legitimately be held: its wait_ms, if it has one."""
     # A blocking acquire or a long-poll consume may legitimately hold the request.
     wait = parsed.get("wait_ms") if isinstance(parsed, dict) else None
     if isinstance(wait, int) and not isinstance(wait, bool) and 0 < wait <= 3_600_000:

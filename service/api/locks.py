@@ -165,17 +165,10 @@ def _call_args(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _blocks(body: dict[str, Any]) -> bool:
-    # A blocking acquire can hold its answer for wait_ms: it gets its own forward.
-    return bool(body.get("wait_ms"))
-
-
 @routes.post("/v1/locks/{name}")
 async def acquire(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    return await run_on_leader(
-        request, "lock.acquire", _call_args(request, body), quick=not _blocks(body)
-    )
+    return await run_on_leader(request, "lock.acquire", _call_args(request, body))
 
 
 @leader_call("lock.acquire")
@@ -314,9 +307,7 @@ async def validate(request: web.Request) -> web.Response:
 async def seed_lock(request: web.Request) -> web.StreamResponse:
     """`{"resource", "owner"}`: an exclusive try-lock with the default TTL."""
     body = await read_json(request)
-    return await run_on_leader(
-        request, "lock.seed_lock", _call_args(request, body), quick=not _blocks(body)
-    )
+    return await run_on_leader(request, "lock.seed_lock", _call_args(request, body))
 
 
 @leader_call("lock.seed_lock")

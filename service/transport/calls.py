@@ -6,8 +6,9 @@ follower instead queues each quick call (name + JSON-able args) for the leader, 
 whatever queued in the same loop turn leaves together as one msgpack POST to
 `CALLS_PATH`; the receiver runs them concurrently and streams each answer back as
 `[index, status, body]` when it is ready, so no call waits for a slower one of its batch.
-Calls still hold a connection while they run, so only quick ones go this way (a blocking
-lock wait keeps its own HTTP request).
+A batch holds its connection until its last answer, so long calls (a blocking lock wait)
+travel in a lane of their own, with its own connections, in-flight limit and a timeout
+as long as the longest wait in the batch.
 
 Failure semantics are those of `LeaderClient.forward`: `ForwardError.maybe_applied` is
 False only when the batch certainly never reached the leader (the connection could not
@@ -44,6 +45,7 @@ class _Call:
     name: str
     args: Mapping[str, Any]
     future: asyncio.Future[tuple[int, Any]]
+    timeout: float
 
 
 @dataclass(slots=True)
@@ -67,29 +69,44 @@ class CallBatcher:
         connect_timeout: float = 0.5,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_batch: int = DEFAULT_MAX_BATCH,
+        lane_limits: Mapping[str, int] | None = None,
         on_batch: Callable[[str, int], None] | None = None,
     ) -> None:
-        """`on_batch(lane, calls)` is told the size of every batch sent (for metrics)."""
-        if max_in_flight < 1 or max_batch < 1:
-            raise ValueError("max_in_flight and max_batch must be at least 1")
+        """`lane_limits` overrides max_in_flight per lane (a lane of long waits needs
+        more); `on_batch(lane, calls)` is told the size of every batch sent (metrics)."""
+        limits = dict(lane_limits or {})
+        if max_in_flight < 1 or max_batch < 1 or any(n < 1 for n in limits.values()):
+            raise ValueError("in-flight limits and max_batch must be at least 1")
         self.node_id = node_id
         self._secret = secret or None
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._max_in_flight = max_in_flight
+        self._lane_limits = limits
         self._max_batch = max_batch
         self._on_batch = on_batch
         self._peers: dict[tuple[str, str], _Peer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._session: aiohttp.ClientSession | None = None
+        # One connection pool per lane: a lane of long waits must not hold the
+        # connections another lane needs.
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._closed = False
         self.batches_sent = 0
         self.calls_sent = 0
 
     async def call(
-        self, url: str, name: str, args: Mapping[str, Any], *, lane: str = "default"
+        self,
+        url: str,
+        name: str,
+        args: Mapping[str, Any],
+        *,
+        lane: str = "default",
+        timeout: float | None = None,
     ) -> tuple[int, Any]:
         """Run call `name` on the node at base URL `url`; raises ForwardError.
+
+        `timeout` bounds the call's batch (default: the batcher's); a batch waits for
+        as long as its longest call may take.
 
         Each lane has its own batches and in-flight limit. A call that waits on calls
         made elsewhere (a publish waiting for replication) must not share a lane with
@@ -108,7 +125,7 @@ class CallBatcher:
         if peer is None:
             peer = self._peers[url, lane] = _Peer(url, lane)
         future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
-        peer.queued.append(_Call(name, args, future))
+        peer.queued.append(_Call(name, args, future, timeout or self._timeout))
         self._schedule(peer)
         return await future
 
@@ -122,21 +139,24 @@ class CallBatcher:
         for peer in self._peers.values():
             _fail(peer.queued, ForwardError("call batcher closed", maybe_applied=False))
             peer.queued.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
 
     # --- batching ----------------------------------------------------------------
 
+    def _limit(self, lane: str) -> int:
+        return self._lane_limits.get(lane, self._max_in_flight)
+
     def _schedule(self, peer: _Peer) -> None:
         # Flush at the end of this loop turn, so every call queued in the turn joins.
-        if not peer.flush_scheduled and peer.in_flight < self._max_in_flight:
+        if not peer.flush_scheduled and peer.in_flight < self._limit(peer.lane):
             peer.flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush, peer)
 
     def _flush(self, peer: _Peer) -> None:
         peer.flush_scheduled = False
-        if self._closed or not peer.queued or peer.in_flight >= self._max_in_flight:
+        if self._closed or not peer.queued or peer.in_flight >= self._limit(peer.lane):
             return
         batch = peer.queued[: self._max_batch]
         del peer.queued[: self._max_batch]
@@ -149,7 +169,7 @@ class CallBatcher:
 
     async def _send(self, peer: _Peer, batch: list[_Call]) -> None:
         try:
-            await self._post(peer.url, batch)
+            await self._post(peer, batch)
         except ForwardError as exc:
             _fail(batch, exc)
         except asyncio.CancelledError:
@@ -166,17 +186,20 @@ class CallBatcher:
             if peer.queued:
                 self._schedule(peer)
 
-    async def _post(self, url: str, batch: list[_Call]) -> None:
+    async def _post(self, peer: _Peer, batch: list[_Call]) -> None:
         """Send the batch and settle each call as its answer streams in, `[i, status,
         body]` in the order they finish; raises ForwardError for the calls left."""
         body = msgpack.packb([[c.name, c.args] for c in batch], use_bin_type=True)
         headers = {"Content-Type": CONTENT_TYPE, FROM_HEADER: self.node_id}
         if self._secret is not None:
             headers[SECRET_HEADER] = self._secret
-        timeout = aiohttp.ClientTimeout(total=self._timeout, connect=self._connect_timeout)
+        url = peer.url
+        timeout = aiohttp.ClientTimeout(
+            total=max(call.timeout for call in batch), connect=self._connect_timeout
+        )
         answered = 0
         try:
-            async with self._get_session().post(
+            async with self._session_for(peer.lane).post(
                 url.rstrip("/") + CALLS_PATH, data=body, headers=headers, timeout=timeout
             ) as response:
                 if response.status != 200:
@@ -205,11 +228,12 @@ class CallBatcher:
         if answered < len(batch):
             raise ForwardError(f"{url}: the batch ended before every answer", maybe_applied=True)
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit_per_host=self._max_in_flight * 2)
-            self._session = aiohttp.ClientSession(connector=connector)
-        return self._session
+    def _session_for(self, lane: str) -> aiohttp.ClientSession:
+        session = self._sessions.get(lane)
+        if session is None:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self._limit(lane))
+            session = self._sessions[lane] = aiohttp.ClientSession(connector=connector)
+        return session
 
 
 def _parse_answer(answer: Any, size: int) -> tuple[int, int, Any]:

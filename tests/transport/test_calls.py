@@ -298,3 +298,58 @@ async def test_every_batch_is_reported_with_its_lane_and_size(peers: list[Peer])
     finally:
         await batcher.close()
     assert seen == [("default", 5), ("replication", 1)]
+
+
+async def test_a_batch_waits_as_long_as_its_longest_call(peers: list[Peer]) -> None:
+    """A blocking lock wait may take its whole wait_ms: its batch gets that long, where
+    a call with the default timeout is given up on (an unknown outcome)."""
+
+    def slow(peer: Peer) -> Handler:
+        echo = _echo(peer)
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            await asyncio.sleep(0.5)
+            return await echo(request)
+
+        return handler
+
+    batcher = CallBatcher("n2", timeout=0.2)
+    try:
+        peer = await _peer(peers, slow)
+        assert await batcher.call(peer.url, "op", {"n": 1}, lane="wait", timeout=3.0) == (
+            200, {"call": "op", "n": 1},
+        )  # fmt: skip
+        with pytest.raises(ForwardError) as caught:
+            await batcher.call(peer.url, "op", {"n": 2})
+        assert caught.value.maybe_applied is True
+    finally:
+        await batcher.close()
+
+
+async def test_a_lane_may_have_its_own_in_flight_limit(peers: list[Peer]) -> None:
+    release = asyncio.Event()
+
+    def held(peer: Peer) -> Handler:
+        echo = _echo(peer)
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            await release.wait()
+            return await echo(request)
+
+        return handler
+
+    batcher = CallBatcher("n2", max_in_flight=1, lane_limits={"wait": 3})
+    try:
+        peer = await _peer(peers, held)
+        calls = []
+        for i in range(4):  # one per loop turn: each would be a batch of its own
+            calls.append(asyncio.ensure_future(batcher.call(peer.url, "op", {"n": i}, lane="wait")))
+            await asyncio.sleep(0.05)
+        assert len(peer.batches) == 3  # the fourth waits for a free slot
+        release.set()
+        assert [(await c)[1]["n"] for c in calls] == [0, 1, 2, 3]
+        assert len(peer.batches) == 4
+    finally:
+        await batcher.close()
+    with pytest.raises(ValueError):
+        CallBatcher("n2", lane_limits={"wait": 0})
