@@ -11,11 +11,12 @@ Additions to the contract: `POST /v1/locks/{name}/cancel` (give up a wait) and t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from service.api.calls import leader_call, run_on_leader
+from service.api.calls import LeaderCall, leader_call, run_on_leader
 from service.api.errors import ApiError, bad_request
 from service.api.forwarding import NODE_KEY, on_leader
 from service.api.http import field_int, field_str, read_json, request_id_from
@@ -157,21 +158,34 @@ async def _barrier(request: web.Request) -> None:
 # the leader being the trust boundary) runs on the leader, batched from followers.
 
 
-def _call_args(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": request.match_info.get("name"),
-        "body": body,
-        "rid": request.headers.get("X-Request-Id"),
-    }
+def _write(method: str, path: str, call: str) -> Callable[[LeaderCall], LeaderCall]:
+    """Register `method path` as a write whose leader-side half is the decorated
+    coroutine, run as leader call `call`: the route only reads the body."""
+
+    def register(handler: LeaderCall) -> LeaderCall:
+        async def route(request: web.Request) -> web.StreamResponse:
+            body = await read_json(request)
+            args = {
+                "name": request.match_info.get("name"),
+                "body": body,
+                "rid": request.headers.get("X-Request-Id"),
+            }
+            return await run_on_leader(request, call, args)
+
+        route.__doc__ = handler.__doc__
+        routes.route(method, path)(route)
+        return leader_call(call)(handler)
+
+    return register
 
 
-@routes.post("/v1/locks/{name}")
-async def acquire(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
-    return await run_on_leader(request, "lock.acquire", _call_args(request, body))
+def _target(node: Node, args: dict[str, Any]) -> tuple[LockService, dict[str, Any], str, str]:
+    """The lock service, body, lock name and owner of a write's args (validated)."""
+    body = args["body"]
+    return _locks_of(node), body, _name(args["name"]), _owner(body)
 
 
-@leader_call("lock.acquire")
+@_write("POST", "/v1/locks/{name}", "lock.acquire")
 async def _acquire(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     body = args["body"]
     name = _name(args["name"])
@@ -193,18 +207,9 @@ async def _grant(
     return _grant_json(locks, result)
 
 
-@routes.delete("/v1/locks/{name}")
-async def release(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
-    return await run_on_leader(request, "lock.release", _call_args(request, body))
-
-
-@leader_call("lock.release")
+@_write("DELETE", "/v1/locks/{name}", "lock.release")
 async def _release(node: Node, args: dict[str, Any]) -> dict[str, Any]:
-    locks = _locks_of(node)
-    body = args["body"]
-    name = _name(args["name"])
-    owner = _owner(body)
+    locks, body, name, owner = _target(node, args)
     token = _token(body)
     result = await locks.release(name, owner, token, request_id_from(body, args["rid"]))
     if result.get("status") != "released":
@@ -212,18 +217,9 @@ async def _release(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     return {"released": True}
 
 
-@routes.post("/v1/locks/{name}/keepalive")
-async def keepalive(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
-    return await run_on_leader(request, "lock.keepalive", _call_args(request, body))
-
-
-@leader_call("lock.keepalive")
+@_write("POST", "/v1/locks/{name}/keepalive", "lock.keepalive")
 async def _keepalive(node: Node, args: dict[str, Any]) -> dict[str, Any]:
-    locks = _locks_of(node)
-    body = args["body"]
-    name = _name(args["name"])
-    owner = _owner(body)
+    locks, body, name, owner = _target(node, args)
     token = _token(body)
     ttl_ms = body.get("ttl_ms")
     if ttl_ms is not None:
@@ -241,19 +237,10 @@ async def _keepalive(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@routes.post("/v1/locks/{name}/cancel")
-async def cancel(request: web.Request) -> web.StreamResponse:
-    """Give up a wait. 200 {"cancelled": true}; or the grant, if it came first."""
-    body = await read_json(request)
-    return await run_on_leader(request, "lock.cancel", _call_args(request, body))
-
-
-@leader_call("lock.cancel")
+@_write("POST", "/v1/locks/{name}/cancel", "lock.cancel")
 async def _cancel(node: Node, args: dict[str, Any]) -> dict[str, Any]:
-    locks = _locks_of(node)
-    body = args["body"]
-    name = _name(args["name"])
-    owner = _owner(body)
+    """Give up a wait. 200 {"cancelled": true}; or the grant, if it came first."""
+    locks, body, name, owner = _target(node, args)
     seq = body.get("seq")
     if seq is not None:
         seq = field_int(body, "seq", 0, 0, MAX_TOKEN)
@@ -303,31 +290,19 @@ async def validate(request: web.Request) -> web.Response:
 # --- the course prototype's aliases --------------------------------------------------
 
 
-@routes.post("/lock")
-async def seed_lock(request: web.Request) -> web.StreamResponse:
-    """`{"resource", "owner"}`: an exclusive try-lock with the default TTL."""
-    body = await read_json(request)
-    return await run_on_leader(request, "lock.seed_lock", _call_args(request, body))
-
-
-@leader_call("lock.seed_lock")
+@_write("POST", "/lock", "lock.seed_lock")
 async def _seed_lock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
+    """`{"resource", "owner"}`: an exclusive try-lock with the default TTL."""
     body = args["body"]
     name = _name(field_str(body, "resource", max_bytes=MAX_NAME_BYTES))
     grant = await _grant(node, name, body, "exclusive", args["rid"])
     return {"success": True, "resource": name, **grant}
 
 
-@routes.post("/unlock")
-async def seed_unlock(request: web.Request) -> web.StreamResponse:
+@_write("POST", "/unlock", "lock.seed_unlock")
+async def _seed_unlock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     """`{"resource", "owner"}`: release whatever grant the owner holds (no token needed,
     as in the prototype; the token is looked up on the leader)."""
-    body = await read_json(request)
-    return await run_on_leader(request, "lock.seed_unlock", _call_args(request, body))
-
-
-@leader_call("lock.seed_unlock")
-async def _seed_unlock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     locks = _locks_of(node)
     body = args["body"]
     name = _name(field_str(body, "resource", max_bytes=MAX_NAME_BYTES))
