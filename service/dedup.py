@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +97,9 @@ class DedupTable:
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self._max_entries = max_entries
         # namespace -> request_id -> entry, in log-index order (dict insertion order).
-        self._spaces: dict[str, dict[str, _Entry]] = {}
+        # An OrderedDict: evicting the oldest is popitem(last=False), O(1); deleting the
+        # first key of a plain dict makes the next next(iter()) skip the holes it left.
+        self._spaces: dict[str, OrderedDict[str, _Entry]] = {}
         # namespace -> request_id -> new value, or None for "delete the field".
         self._pending: dict[str, dict[str, str | None]] = {}
 
@@ -127,7 +130,7 @@ class DedupTable:
 
     def load(self, hashes: Mapping[str, Mapping[str, str]]) -> None:
         """Replace the state; ValueError on a malformed entry."""
-        spaces: dict[str, dict[str, _Entry]] = {}
+        spaces: dict[str, OrderedDict[str, _Entry]] = {}
         for key, fields in hashes.items():
             if not key.startswith(self.prefix):
                 continue
@@ -139,7 +142,7 @@ class DedupTable:
                 except (ValueError, KeyError) as exc:
                     raise ValueError(f"malformed dedup entry {key!r} {rid!r}: {exc}") from exc
             decoded.sort(key=lambda item: item[1].index)
-            spaces[namespace] = dict(decoded)
+            spaces[namespace] = OrderedDict(decoded)
         self._spaces = spaces
         self._pending = {}
         for namespace in sorted(self._spaces):
@@ -151,7 +154,8 @@ class DedupTable:
         return self.prefix + namespace
 
     def lookup(self, namespace: str, request_id: str) -> _Entry | None:
-        return self._spaces.get(namespace, {}).get(request_id)
+        entries = self._spaces.get(namespace)
+        return entries.get(request_id) if entries is not None else None
 
     def record(
         self, namespace: str, request_id: str, index: int, command: Command, result: Any
@@ -170,7 +174,7 @@ class DedupTable:
                 }
             )
         entry = _Entry(index, command.op, _digest(command.args), result_json)
-        self._spaces.setdefault(namespace, {})[request_id] = entry
+        self._spaces.setdefault(namespace, OrderedDict())[request_id] = entry
         self._pending.setdefault(namespace, {})[request_id] = entry.encode()
         self._evict(namespace)
 
@@ -178,10 +182,11 @@ class DedupTable:
         return sum(len(entries) for entries in self._spaces.values())
 
     def _evict(self, namespace: str) -> None:
-        entries = self._spaces.get(namespace, {})
+        entries = self._spaces.get(namespace)
+        if entries is None:
+            return
         while len(entries) > self._max_entries:
-            oldest = next(iter(entries))
-            del entries[oldest]
+            oldest, _ = entries.popitem(last=False)
             self._pending.setdefault(namespace, {})[oldest] = None
 
 
