@@ -1,10 +1,9 @@
 """Locks part of the REST contract (/v1/locks...) and the course prototype's aliases.
 
-Everything runs on the leader. Writes are Raft commands: the route reads the body and
-`run_on_leader` runs the leader-side half (validation included) there, batched with
-other clients' writes when this node is a follower (service/api/calls.py). Reads go
-through `on_leader` (an HTTP forward from followers) and pass a ReadIndex barrier first,
-so they are linearizable.
+Everything runs on the leader: each route only reads the body, and `run_on_leader` runs
+its leader-side half (validation included) there, batched with other clients' requests
+when this node is a follower (service/api/calls.py). Writes are Raft commands; reads
+pass a ReadIndex barrier first, so they are linearizable.
 Additions to the contract: `POST /v1/locks/{name}/cancel` (give up a wait) and the
 `queued`/`position` fields a 409 `wait_timeout` never needs but GET shows for waiters.
 """
@@ -18,7 +17,6 @@ from aiohttp import web
 
 from service.api.calls import LeaderCall, leader_call, run_on_leader
 from service.api.errors import ApiError, bad_request
-from service.api.forwarding import NODE_KEY, on_leader
 from service.api.http import field_int, field_str, read_json, request_id_from
 from service.locks.commands import MAX_NAME_BYTES, MAX_OWNER_BYTES, MAX_TTL_MS
 from service.locks.service import LockService
@@ -34,10 +32,6 @@ MIN_TTL_MS = 100  # shorter than a few heartbeats cannot be kept alive reliably
 MAX_WAIT_MS = 600_000
 READ_TIMEOUT_SECONDS = 5.0
 MAX_TOKEN = 2**63 - 1
-
-
-def _service(request: web.Request) -> LockService:
-    return _locks_of(request.app[NODE_KEY])
 
 
 def _locks_of(node: Node) -> LockService:
@@ -145,10 +139,11 @@ def _view_json(locks: LockService, view: LockView) -> dict[str, Any]:
     }
 
 
-async def _barrier(request: web.Request) -> None:
-    runner = request.app[NODE_KEY].runner
-    assert runner is not None  # on_leader answered 503 otherwise
-    await runner.read_barrier(READ_TIMEOUT_SECONDS)
+async def _barrier(node: Node) -> None:
+    """A ReadIndex barrier: what is read after it includes every write acknowledged
+    before the read began."""
+    assert node.runner is not None  # run_on_leader answered 503 otherwise
+    await node.runner.read_barrier(READ_TIMEOUT_SECONDS)
 
 
 # --- /v1/locks -----------------------------------------------------------------------
@@ -158,13 +153,13 @@ async def _barrier(request: web.Request) -> None:
 # the leader being the trust boundary) runs on the leader, batched from followers.
 
 
-def _write(method: str, path: str, call: str) -> Callable[[LeaderCall], LeaderCall]:
-    """Register `method path` as a write whose leader-side half is the decorated
-    coroutine, run as leader call `call`: the route only reads the body."""
+def _leader_route(method: str, path: str, call: str) -> Callable[[LeaderCall], LeaderCall]:
+    """Register `method path` as a request whose leader-side half is the decorated
+    coroutine, run as leader call `call`: the route only reads the body (none for GET)."""
 
     def register(handler: LeaderCall) -> LeaderCall:
         async def route(request: web.Request) -> web.StreamResponse:
-            body = await read_json(request)
+            body = {} if method == "GET" else await read_json(request)
             args = {
                 "name": request.match_info.get("name"),
                 "body": body,
@@ -185,7 +180,7 @@ def _target(node: Node, args: dict[str, Any]) -> tuple[LockService, dict[str, An
     return _locks_of(node), body, _name(args["name"]), _owner(body)
 
 
-@_write("POST", "/v1/locks/{name}", "lock.acquire")
+@_leader_route("POST", "/v1/locks/{name}", "lock.acquire")
 async def _acquire(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     body = args["body"]
     name = _name(args["name"])
@@ -207,7 +202,7 @@ async def _grant(
     return _grant_json(locks, result)
 
 
-@_write("DELETE", "/v1/locks/{name}", "lock.release")
+@_leader_route("DELETE", "/v1/locks/{name}", "lock.release")
 async def _release(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     locks, body, name, owner = _target(node, args)
     token = _token(body)
@@ -217,7 +212,7 @@ async def _release(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     return {"released": True}
 
 
-@_write("POST", "/v1/locks/{name}/keepalive", "lock.keepalive")
+@_leader_route("POST", "/v1/locks/{name}/keepalive", "lock.keepalive")
 async def _keepalive(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     locks, body, name, owner = _target(node, args)
     token = _token(body)
@@ -237,7 +232,7 @@ async def _keepalive(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@_write("POST", "/v1/locks/{name}/cancel", "lock.cancel")
+@_leader_route("POST", "/v1/locks/{name}/cancel", "lock.cancel")
 async def _cancel(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     """Give up a wait. 200 {"cancelled": true}; or the grant, if it came first."""
     locks, body, name, owner = _target(node, args)
@@ -256,41 +251,38 @@ async def _cancel(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
-@routes.get("/v1/locks/{name}")
-@on_leader
-async def get_lock(request: web.Request) -> web.Response:
-    locks = _service(request)
-    name = _name(request.match_info["name"])
-    await _barrier(request)
+@_leader_route("GET", "/v1/locks/{name}", "lock.get")
+async def _get_lock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
+    locks = _locks_of(node)
+    name = _name(args["name"])
+    await _barrier(node)
     view = locks.get(name)
     if view is None or not (view.holders or view.waiters):
         raise ApiError(404, "not_found", f"lock {name!r} is not held and has no waiters")
-    return web.json_response(_view_json(locks, view))
+    return _view_json(locks, view)
 
 
-@routes.get("/v1/locks")
-@on_leader
-async def list_locks(request: web.Request) -> web.Response:
-    locks = _service(request)
-    await _barrier(request)
-    return web.json_response({"locks": [_view_json(locks, v) for v in locks.all_held()]})
+@_leader_route("GET", "/v1/locks", "lock.list")
+async def _list_locks(node: Node, args: dict[str, Any]) -> dict[str, Any]:
+    locks = _locks_of(node)
+    await _barrier(node)
+    return {"locks": [_view_json(locks, v) for v in locks.all_held()]}
 
 
-@routes.post("/v1/locks/{name}/validate")
-@on_leader
-async def validate(request: web.Request) -> web.Response:
-    locks = _service(request)
-    name = _name(request.match_info["name"])
-    body = await read_json(request)
-    token = _token(body)
-    await _barrier(request)
-    return web.json_response({"valid": locks.validate(name, token)})
+@_leader_route("POST", "/v1/locks/{name}/validate", "lock.validate")
+async def _validate(node: Node, args: dict[str, Any]) -> dict[str, Any]:
+    """Is `token` the current grant of an owner of this lock? (for resource servers)"""
+    locks = _locks_of(node)
+    name = _name(args["name"])
+    token = _token(args["body"])
+    await _barrier(node)
+    return {"valid": locks.validate(name, token)}
 
 
 # --- the course prototype's aliases --------------------------------------------------
 
 
-@_write("POST", "/lock", "lock.seed_lock")
+@_leader_route("POST", "/lock", "lock.seed_lock")
 async def _seed_lock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     """`{"resource", "owner"}`: an exclusive try-lock with the default TTL."""
     body = args["body"]
@@ -299,7 +291,7 @@ async def _seed_lock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     return {"success": True, "resource": name, **grant}
 
 
-@_write("POST", "/unlock", "lock.seed_unlock")
+@_leader_route("POST", "/unlock", "lock.seed_unlock")
 async def _seed_unlock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     """`{"resource", "owner"}`: release whatever grant the owner holds (no token needed,
     as in the prototype; the token is looked up on the leader)."""
@@ -318,12 +310,9 @@ async def _seed_unlock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     return {"success": True, "released": True, "resource": name}
 
 
-@routes.get("/locks")
-@on_leader
-async def seed_locks(request: web.Request) -> web.Response:
+@_leader_route("GET", "/locks", "lock.seed_list")
+async def _seed_locks(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     """`{"locks": {resource: owner}}`; a shared lock shows its earliest holder."""
-    locks = _service(request)
-    await _barrier(request)
-    return web.json_response(
-        {"locks": {v.name: v.holders[0].owner for v in locks.all_held() if v.holders}}
-    )
+    locks = _locks_of(node)
+    await _barrier(node)
+    return {"locks": {v.name: v.holders[0].owner for v in locks.all_held() if v.holders}}
