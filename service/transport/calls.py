@@ -91,8 +91,6 @@ class CallBatcher:
         # connections another lane needs.
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._closed = False
-        self.batches_sent = 0
-        self.calls_sent = 0
 
     async def call(
         self,
@@ -178,9 +176,6 @@ class CallBatcher:
         except Exception as exc:  # a bug here must not leave callers hanging
             log.exception("call batch failed", extra={"peer": peer.url})
             _fail(batch, ForwardError(f"call batch failed: {exc!r}", maybe_applied=True))
-        else:
-            self.batches_sent += 1
-            self.calls_sent += len(batch)
         finally:
             peer.in_flight -= 1
             if peer.queued:
