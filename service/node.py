@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
 
+from service.cache.mirror_store import RedisMirrorStore
 from service.cache.service import CacheService
 from service.cache.store import RedisCacheStore
 from service.config import ConfigError, Settings, resolve_peer_ids
@@ -258,9 +259,10 @@ class Node:
             self.queues.calls = self.calls
         if self.cache is not None:
             assert self.redis is not None
-            self.cache.store = RedisCacheStore(self.redis)
             self.cache.peer_urls = dict(self.peer_urls)
             self.cache.secret = settings.cluster_secret
+            self.cache.calls = self.calls
+            self.cache.keep_mirrors(RedisCacheStore(self.redis), RedisMirrorStore(self.redis))
         for service in self.services:
             service.attach(self.runner)
         self.runner.start()

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 from aiohttp import web
 
+from service.api.calls import peer_call
 from service.api.errors import ApiError, bad_request
 from service.api.forwarding import NODE_KEY
 from service.api.http import read_json
 from service.cache import wire
 from service.cache.messages import ReadDone
+from service.cache.mirror_store import MirrorUpdate, decode_position
+from service.cache.mirrored import MirrorUnavailable
 from service.cache.service import INTERNAL, MSGPACK, CacheError, CacheService
 from service.cache.values import encode
+from service.raft.core import RaftError
 from service.transport.http import FROM_HEADER, SECRET_HEADER
 
 routes = web.RouteTableDef()
@@ -64,7 +68,7 @@ async def describe(request: web.Request) -> web.Response:
     """This node's cache; with `?scope=cluster` (an addition) every node's and totals."""
     scope = request.query.get("scope", "node")
     if scope not in ("node", "cluster"):
-        raise bad_request("'scope' must be \"node\" or \"cluster\"")
+        raise bad_request('\'scope\' must be "node" or "cluster"')
     try:
         cache = _service(request)
         if scope == "cluster":
@@ -195,3 +199,62 @@ async def inspect(request: web.Request) -> web.Response:
         return _packed(cache.inspect_local(key))
     except CacheError as exc:
         raise _failed(exc) from exc
+
+
+# --- mirrors of the peers' cache stores (batched peer calls; service/cache/mirrored.py) --
+
+if TYPE_CHECKING:
+    from service.node import Node
+
+
+def _peer_failure(exc: Exception) -> tuple[int, Any]:
+    if isinstance(exc, CacheError):
+        return exc.status, {"error": {"code": exc.code, "message": exc.message}}
+    if isinstance(exc, MirrorUnavailable):
+        return 503, {"error": {"code": "unavailable", "message": str(exc)}}
+    return 400, {"error": {"code": "bad_request", "message": repr(exc)}}
+
+
+@peer_call("cache.mirror")
+async def _mirror(node: Node, sender: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """Apply a peer's mirror update (to its copy here; sender = the peer)."""
+    if node.cache is None:
+        return 503, {"error": {"code": "unavailable", "message": "no cache here"}}
+    try:
+        position = decode_position(body["position"])
+        base = decode_position(body["base"])
+        writes = body["writes"]
+        if position is None or not isinstance(writes, dict):
+            raise ValueError("'position' and 'writes' are required")
+        if not all(
+            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in writes.items()
+        ):
+            raise ValueError("'writes' maps field names to JSON text or null")
+        return 200, await node.cache.mirror_answer(sender, MirrorUpdate(position, writes, base))
+    except (CacheError, KeyError, TypeError, ValueError) as exc:
+        return _peer_failure(exc)
+
+
+@peer_call("cache.mirror_image")
+async def _mirror_image(node: Node, sender: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """This node's copy of the sender's cache store (for a sender that lost its disk)."""
+    if node.cache is None:
+        return 503, {"error": {"code": "unavailable", "message": "no cache here"}}
+    try:
+        return 200, await node.cache.mirror_image(sender)
+    except CacheError as exc:
+        return _peer_failure(exc)
+
+
+@peer_call("cache.register")
+async def _register(node: Node, sender: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """On the Raft leader: record that the sender's cache started (starts.py)."""
+    if node.cache is None:
+        return 503, {"error": {"code": "unavailable", "message": "no cache here"}}
+    request_id = body.get("request_id")
+    if not isinstance(request_id, str) or not request_id:
+        return 400, {"error": {"code": "bad_request", "message": "'request_id' is required"}}
+    try:
+        return 200, await node.cache.record_start(sender, request_id)
+    except (MirrorUnavailable, RaftError, TimeoutError) as exc:
+        return 503, {"error": {"code": "unavailable", "message": repr(exc)}}

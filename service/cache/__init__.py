@@ -9,7 +9,9 @@ checker the tests run over recorded histories.
 network and kill -9: re-sends, request ids, hand-off records, persisted forwards, txn
 floors. The runtime that drives them is `service.CacheService` (with `pipeline` for the
 persist -> send -> reply order, `links` for peer messages, `wire` for their encoding,
-`store` for Redis, `report` for what it shows); routes are in service/api/cache.py.
+`store` for Redis, `mirrored` and `mirror_store` for the copies of each node's store on
+its peers, `starts` for the Raft record of which caches ever started, `report` for what
+it shows); routes are in service/api/cache.py.
 
 The protocol at a glance (details and reasons in `lines.py` and `directory.py`):
 

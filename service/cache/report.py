@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.cache.errors import unavailable
 from service.cache.messages import State
+from service.cache.mirrored import MirroredCacheStore
 from service.clock import now_ms
 
 if TYPE_CHECKING:
@@ -128,6 +129,9 @@ def describe(service: CacheService) -> dict[str, Any]:
         "persists_skipped": lines.persists_skipped,
         "persist_batches": service.persist_batches,
         "outbox": service.outbox(),
+        "mirrors": (
+            service.store.describe() if isinstance(service.store, MirroredCacheStore) else None
+        ),
     }
 
 

@@ -32,6 +32,7 @@ import functools
 import itertools
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,15 +63,27 @@ from service.cache.messages import (
     Unblock,
     WriteDone,
 )
+from service.cache.mirror_store import (
+    Applied,
+    MirrorImage,
+    MirrorStore,
+    MirrorUpdate,
+    decode_position,
+    encode_position,
+)
+from service.cache.mirrored import MirroredCacheStore, MirrorUnavailable
 from service.cache.pipeline import Pipeline
 from service.cache.recovery import RecoveringDirectory, RecoveringLineCache
-from service.cache.store import CacheStore, Persist
+from service.cache.starts import STARTED, CacheStartsMachine
+from service.cache.store import CacheStore, LocalCacheStore, Persist
 from service.cache.values import Json
 from service.clock import now_ms
 from service.metrics import NodeMetrics
 from service.placement import home_node
+from service.raft.core import Role
 from service.raft.runner import RaftRunner
-from service.statemachine import StateMachine
+from service.statemachine import Command, StateMachine
+from service.transport.calls import CallBatcher
 from service.transport.http import FROM_HEADER, SECRET_HEADER
 
 log = logging.getLogger("dsync.cache")
@@ -87,6 +100,7 @@ FAST_FAIL_TIMEOUT_SECONDS = 0.3
 START_ATTEMPTS = 300  # about ten minutes of retries while Redis is unreachable
 REQ_ID_SPACE = 1 << 40  # request ids per incarnation (see RecoveringLineCache.req_base)
 INV_TIMER_TTL_SECONDS = 60.0
+REGISTER_LEADER_WAIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +130,12 @@ class CacheService:
         self.settings = settings or CacheSettings()
         self.peer_urls: dict[str, str] = {}
         self.secret: str | None = None
+        self.calls: CallBatcher | None = None
+        # The copies of the peers' stores; None until this node's Redis is up (a mirror
+        # that is not loaded must never answer "I hold nothing").
+        self.mirrors: MirrorStore | None = None
+        self.starts = CacheStartsMachine()
+        self._start_id = uuid.uuid4().hex  # the request id of this process's start record
         self.runner: RaftRunner | None = None
         self.members: tuple[str, ...] = (node_id,)
         self.lines: RecoveringLineCache | None = None
@@ -135,7 +155,16 @@ class CacheService:
     # --- wiring ------------------------------------------------------------------------
 
     def state_machines(self) -> list[StateMachine]:
-        return []  # nothing of the cache goes through the Raft log
+        # Only the record of which caches ever started goes through the log (starts.py).
+        return [self.starts]
+
+    def keep_mirrors(self, local: LocalCacheStore, mirrors: MirrorStore) -> None:
+        """Persist to `local` and to every peer (mirrored.py); keep the peers' copies in
+        `mirrors`. Called by the node once its Redis is up, before attach."""
+        self.mirrors = mirrors
+        self.store = MirroredCacheStore(
+            local, sorted(self.peer_urls), self._send_mirror, self._fetch_mirror, self._register
+        )
 
     def attach(self, runner: RaftRunner) -> None:
         self.runner = runner
@@ -159,6 +188,8 @@ class CacheService:
         for future in self._ops.values():
             if not future.done():
                 future.set_exception(unavailable("the node is shutting down"))
+        if isinstance(self.store, MirroredCacheStore):
+            await self.store.stop()
         if self._session is not None:
             await self._session.close()
 
@@ -224,6 +255,8 @@ class CacheService:
                 link = PeerLink(peer, self._post)
                 self._links[peer] = link
                 self._spawn(link.run())
+        if isinstance(self.store, MirroredCacheStore):
+            self.store.start()
         self._spawn(self._pipeline.run())
         self._spawn(self._ticker())
         self._feed(lines.recover())
@@ -389,6 +422,82 @@ class CacheService:
         if self.secret:
             headers[SECRET_HEADER] = self.secret
         return headers
+
+    # --- mirrors of the cache store (mirrored.py) ---------------------------------------
+
+    async def _peer_call(
+        self, peer: str, name: str, args: dict[str, Any], lane: str
+    ) -> tuple[int, Any]:
+        url = self.peer_urls.get(peer)
+        if url is None or self.calls is None:
+            raise MirrorUnavailable(f"no address for {peer}")
+        return await self.calls.call(url, name, args, lane=lane)
+
+    async def _send_mirror(self, peer: str, update: MirrorUpdate) -> Applied:
+        args = {
+            "position": encode_position(update.position),
+            "base": None if update.base is None else encode_position(update.base),
+            "writes": dict(update.writes),
+        }
+        status, body = await self._peer_call(peer, "cache.mirror", args, "mirror")
+        if status != 200 or not isinstance(body, dict):
+            raise MirrorUnavailable(f"{peer} answered {status} to a mirror update")
+        at = body.get("position")
+        return Applied(bool(body.get("applied")), decode_position(at) if at else None)
+
+    async def _fetch_mirror(self, peer: str) -> MirrorImage | None:
+        status, body = await self._peer_call(peer, "cache.mirror_image", {}, "mirror")
+        if status != 200 or not isinstance(body, dict):
+            raise MirrorUnavailable(f"{peer} answered {status} to a mirror fetch")
+        if body.get("position") is None:
+            return None
+        position = decode_position(body["position"])
+        assert position is not None
+        return MirrorImage(position, dict(body["writes"]))
+
+    def _mirrors(self) -> MirrorStore:
+        if self.mirrors is None:
+            raise unavailable("this node's Redis is not up yet")
+        return self.mirrors
+
+    async def mirror_answer(self, source: str, update: MirrorUpdate) -> dict[str, Any]:
+        applied = await self._mirrors().apply(source, update)
+        at = applied.position
+        return {"applied": applied.applied, "position": None if at is None else encode_position(at)}
+
+    async def mirror_image(self, source: str) -> dict[str, Any]:
+        image = await self._mirrors().image(source)
+        if image is None:
+            return {"position": None}
+        return {"position": encode_position(image.position), "writes": dict(image.writes)}
+
+    async def _register(self) -> bool:
+        """Record this node's cache start in the Raft log; True if recorded before."""
+        runner = self.runner
+        if runner is None:
+            raise MirrorUnavailable("Raft is not running yet")
+        deadline = time.monotonic() + REGISTER_LEADER_WAIT_SECONDS
+        while (leader := runner.core.leader) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if leader is None:
+            raise MirrorUnavailable("no Raft leader to record the cache start with")
+        if leader == self.node_id:
+            result = await self.record_start(self.node_id, self._start_id)
+        else:
+            status, result = await self._peer_call(
+                leader, "cache.register", {"request_id": self._start_id}, "control"
+            )
+            if status != 200 or not isinstance(result, dict):
+                raise MirrorUnavailable(f"leader {leader} answered {status} to the start record")
+        return bool(result["before"])
+
+    async def record_start(self, node: str, request_id: str) -> dict[str, Any]:
+        """On the Raft leader: commit `node`'s cache start (once per request id)."""
+        runner = self.runner
+        if runner is None or runner.core.role != Role.LEADER:
+            raise MirrorUnavailable("not the Raft leader")
+        command = Command(STARTED, {"node": node}, request_id=request_id)
+        return dict(await runner.propose(command, RPC_TIMEOUT_SECONDS))
 
     # --- inspection and metrics --------------------------------------------------------
 

@@ -61,6 +61,19 @@ class CacheStore(Protocol):
         ...
 
 
+class LocalCacheStore(CacheStore, Protocol):
+    """A store on this node's own disk: also says whether it ever started, and can take
+    back a copy of itself from a peer's mirror (mirror_store.py) after the disk was lost."""
+
+    async def incarnation(self) -> int:
+        """The last incarnation `next_incarnation` gave; 0 if this store never started."""
+        ...
+
+    async def restore(self, stored: StoredCache, incarnation: int) -> None:
+        """Write `stored` and set the incarnation, in one transaction."""
+        ...
+
+
 def _latest(writes: Sequence[Persist]) -> dict[tuple[bool, str], dict[str, str] | None]:
     """(is_directory, key) -> the last fields written in this batch (None: delete)."""
     latest: dict[tuple[bool, str], dict[str, str] | None] = {}
@@ -83,7 +96,7 @@ class MemoryCacheStore:
 
     lines: Hashes = field(default_factory=dict)
     entries: Hashes = field(default_factory=dict)
-    incarnation: int = 0
+    started: int = 0  # the incarnation
     persists: int = 0  # calls, for tests of batching
 
     async def persist(self, writes: Sequence[Persist]) -> None:
@@ -102,11 +115,19 @@ class MemoryCacheStore:
         )
 
     async def next_incarnation(self) -> int:
-        self.incarnation += 1
-        return self.incarnation
+        self.started += 1
+        return self.started
+
+    async def incarnation(self) -> int:
+        return self.started
+
+    async def restore(self, stored: StoredCache, incarnation: int) -> None:
+        self.lines.update((k, dict(v)) for k, v in stored.lines.items())
+        self.entries.update((k, dict(v)) for k, v in stored.entries.items())
+        self.started = incarnation
 
     def crash(self) -> MemoryCacheStore:
-        return MemoryCacheStore(dict(self.lines), dict(self.entries), self.incarnation)
+        return MemoryCacheStore(dict(self.lines), dict(self.entries), self.started)
 
 
 # --- Redis -----------------------------------------------------------------------------
@@ -133,6 +154,21 @@ class RedisCacheStore:
 
     async def next_incarnation(self) -> int:
         return int(await self._redis.incr(INCARNATION_KEY))
+
+    async def incarnation(self) -> int:
+        raw = await self._redis.get(INCARNATION_KEY)
+        return 0 if raw is None else int(raw)
+
+    async def restore(self, stored: StoredCache, incarnation: int) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for directory, hashes in ((False, stored.lines), (True, stored.entries)):
+                for key, fields in hashes.items():
+                    name = redis_key(directory, key)
+                    pipe.delete(name)
+                    if fields:
+                        pipe.hset(name, mapping=fields)  # type: ignore[arg-type]
+            pipe.set(INCARNATION_KEY, incarnation)
+            await pipe.execute()
 
     async def _load(self, prefix: str) -> Hashes:
         names: list[bytes] = [
@@ -162,6 +198,7 @@ __all__ = [
     "INCARNATION_KEY",
     "LINE_PREFIX",
     "CacheStore",
+    "LocalCacheStore",
     "MemoryCacheStore",
     "RedisCacheStore",
     "StoredCache",

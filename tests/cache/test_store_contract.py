@@ -20,9 +20,10 @@ from service.cache.store import (
     DIR_PREFIX,
     INCARNATION_KEY,
     LINE_PREFIX,
-    CacheStore,
+    LocalCacheStore,
     MemoryCacheStore,
     RedisCacheStore,
+    StoredCache,
 )
 from service.storage.embedded import EmbeddedRedis
 from tests.helpers.redis_server import (
@@ -49,7 +50,7 @@ def real_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRed
 @dataclass
 class Backend:
     name: str
-    store: CacheStore
+    store: LocalCacheStore
     reopen: Callable[[], Awaitable[None]]
     redis: Redis | None = None
 
@@ -222,3 +223,19 @@ async def test_persisted_state_survives_kill_9_of_redis(tmp_path: Path) -> None:
         assert stored.lines == {"k": M_LINE} and stored.entries == {"k": ENTRY}
         assert await store.next_incarnation() == 2
         await client.aclose()
+
+
+async def test_incarnation_reads_without_counting(backend: Backend) -> None:
+    assert await backend.store.incarnation() == 0  # never started
+    await backend.store.next_incarnation()
+    await backend.reopen()
+    assert await backend.store.incarnation() == 1
+    assert await backend.store.incarnation() == 1
+
+
+async def test_restore_writes_everything_and_the_incarnation(backend: Backend) -> None:
+    stored = StoredCache({"k": M_LINE, "j": I_LINE}, {"k": ENTRY})
+    await backend.store.restore(stored, 41)
+    await backend.reopen()
+    assert await backend.store.load() == stored
+    assert await backend.store.next_incarnation() == 42

@@ -1,0 +1,224 @@
+"""The copies a node keeps of its peers' cache stores, so a lost disk loses no write.
+
+A node's cache store (store.py) holds its lines (an M line is a write nobody else has
+yet) and the directory entries and backing values it homes. kill -9 loses none of it
+(AOF, fsync always), but the loss of the disk would. So every node sends each persist to
+its peers too (mirrored.py), and acknowledges nothing a persist guards until at least
+one peer holds it; a node that restarts with an empty store takes back the newest copy.
+
+A mirror is kept per source node and moves in steps: an *update* applies only on top of
+the exact position it was computed from (`base`), so a mirror that missed one (its peer
+was down, a reply was lost) refuses the next and is sent a *full image* instead. A full
+image is applied unless the mirror already holds a newer position (a late, slow image
+must not move a mirror back). Positions are (incarnation, sequence) of the source node:
+its incarnation grows at every start, its sequence at every persist.
+
+Redis layout (readable with redis-cli):
+
+    dsync:cache:mirror:<node>   hash  "@position" -> "<incarnation>:<sequence>";
+                                      "L:<key>" -> that node's line hash of <key>, as JSON;
+                                      "D:<key>" -> the directory entry it homes, as JSON
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import WatchError
+
+from service.cache.messages import PersistEntry
+from service.cache.store import Persist, StoredCache
+
+MIRROR_PREFIX = "dsync:cache:mirror:"
+POSITION_FIELD = "@position"
+LINE_TAG = "L:"
+ENTRY_TAG = "D:"
+_WATCH_ATTEMPTS = 16
+
+Position = tuple[int, int]  # (incarnation, sequence) of the source node
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorUpdate:
+    """Hash fields to set (JSON) or delete (None), and the position they lead to.
+
+    `base` None makes it a full image: the mirror becomes exactly `writes`."""
+
+    position: Position
+    writes: Mapping[str, str | None]
+    base: Position | None = None
+
+    @property
+    def full(self) -> bool:
+        return self.base is None
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorImage:
+    position: Position
+    writes: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What a mirror answered: whether it applied the update, and where it stands now."""
+
+    applied: bool
+    position: Position | None
+
+
+class MirrorStore(Protocol):
+    async def apply(self, source: str, update: MirrorUpdate) -> Applied:
+        """Apply the update to the mirror of `source` atomically and durably if it fits."""
+        ...
+
+    async def image(self, source: str) -> MirrorImage | None:
+        """The mirror of `source`; None if this node never held one."""
+        ...
+
+
+def fits(update: MirrorUpdate, current: Position | None) -> bool:
+    if update.base is None:
+        return current is None or update.position >= current
+    return current == update.base
+
+
+# --- fields ----------------------------------------------------------------------------
+
+
+def fields_of(writes: Sequence[Persist]) -> dict[str, str | None]:
+    """The mirror fields of a persist batch (the last write of each hash wins)."""
+    out: dict[str, str | None] = {}
+    for write in writes:
+        tag = ENTRY_TAG if isinstance(write, PersistEntry) else LINE_TAG
+        out[tag + write.key] = None if write.fields is None else _dump(write.fields)
+    return out
+
+
+def image_of(stored: StoredCache) -> dict[str, str]:
+    out = {LINE_TAG + key: _dump(fields) for key, fields in stored.lines.items()}
+    out.update((ENTRY_TAG + key, _dump(fields)) for key, fields in stored.entries.items())
+    return out
+
+
+def stored_of(writes: Mapping[str, str]) -> StoredCache:
+    """Back from mirror fields to what the source's own store would load."""
+    stored = StoredCache()
+    for name, raw in writes.items():
+        if name.startswith(LINE_TAG):
+            stored.lines[name[len(LINE_TAG) :]] = _load(raw)
+        elif name.startswith(ENTRY_TAG):
+            stored.entries[name[len(ENTRY_TAG) :]] = _load(raw)
+    return stored
+
+
+def encode_position(position: Position) -> str:
+    return f"{position[0]}:{position[1]}"
+
+
+def decode_position(raw: str | bytes | None) -> Position | None:
+    if raw is None:
+        return None
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    incarnation, _, sequence = text.partition(":")
+    return int(incarnation), int(sequence)
+
+
+def _dump(fields: Mapping[str, str]) -> str:
+    return json.dumps(fields, separators=(",", ":"), sort_keys=True)
+
+
+def _load(raw: str) -> dict[str, str]:
+    value = json.loads(raw)
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError(f"not a mirrored hash: {raw[:80]!r}")
+    return value
+
+
+# --- memory ----------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryMirrorStore:
+    mirrors: dict[str, tuple[Position, dict[str, str]]] = field(default_factory=dict)
+
+    async def apply(self, source: str, update: MirrorUpdate) -> Applied:
+        held = self.mirrors.get(source)
+        current = held[0] if held else None
+        if not fits(update, current):
+            return Applied(False, current)
+        fields = {} if update.full or held is None else dict(held[1])
+        for name, value in update.writes.items():
+            if value is None:
+                fields.pop(name, None)
+            else:
+                fields[name] = value
+        self.mirrors[source] = (update.position, fields)
+        return Applied(True, update.position)
+
+    async def image(self, source: str) -> MirrorImage | None:
+        held = self.mirrors.get(source)
+        return None if held is None else MirrorImage(held[0], dict(held[1]))
+
+
+# --- Redis -----------------------------------------------------------------------------
+
+
+class RedisMirrorStore:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    async def apply(self, source: str, update: MirrorUpdate) -> Applied:
+        name = MIRROR_PREFIX + source
+        sets = {k: v for k, v in update.writes.items() if v is not None}
+        deletes = [k for k, v in update.writes.items() if v is None]
+        # WATCH makes "check the position, then write" one step even if a late copy of an
+        # earlier update from the same source is being applied at the same time.
+        for _ in range(_WATCH_ATTEMPTS):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(name)
+                    current = decode_position(await pipe.hget(name, POSITION_FIELD))
+                    if not fits(update, current):
+                        return Applied(False, current)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    if update.full:
+                        pipe.delete(name)
+                    elif deletes:
+                        pipe.hdel(name, *deletes)
+                    sets[POSITION_FIELD] = encode_position(update.position)
+                    pipe.hset(name, mapping=sets)  # type: ignore[arg-type]
+                    await pipe.execute()
+                    return Applied(True, update.position)
+                except WatchError:
+                    continue
+        raise RuntimeError(f"mirror of {source} kept changing under {_WATCH_ATTEMPTS} attempts")
+
+    async def image(self, source: str) -> MirrorImage | None:
+        raw = await self._redis.hgetall(MIRROR_PREFIX + source)
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        position = decode_position(fields.pop(POSITION_FIELD, None))
+        return None if position is None else MirrorImage(position, fields)
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+__all__ = [
+    "MIRROR_PREFIX",
+    "Applied",
+    "MemoryMirrorStore",
+    "MirrorImage",
+    "MirrorStore",
+    "MirrorUpdate",
+    "Position",
+    "RedisMirrorStore",
+    "fields_of",
+    "image_of",
+    "stored_of",
+]

@@ -1,0 +1,262 @@
+"""A cache store that also keeps a copy of itself on the peers, and takes it back after
+its own disk was lost (the layout on the peers: mirror_store.py).
+
+persist: the local write (durable first, as before), then the same writes go to every
+peer, each through a channel of its own; `persist` returns once the local write and at
+least one peer hold them. The cache service answers and sends nothing a persist guards
+before it returns, so every acknowledged write is then on two disks. A peer that is down
+or paused costs nothing: the first answer is enough, and a channel that fails answers
+"no" at once until it has sent that peer a full image again.
+
+Start (`next_incarnation`): a store that never started here may be a first start, or a
+node whose disk was lost. The Raft log tells them apart: the node records its first
+start there (`register`, which answers whether it had registered before). If it had, the
+node takes back the newest of its peers' mirrors, and it waits until *every* peer has
+answered: an acknowledged write may be on one peer only, and a restore from another one
+would silently lose it. A node whose local store is intact never asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from service.cache.mirror_store import (
+    Applied,
+    MirrorImage,
+    MirrorUpdate,
+    Position,
+    encode_position,
+    fields_of,
+    image_of,
+    stored_of,
+)
+from service.cache.store import LocalCacheStore, Persist, StoredCache
+
+log = logging.getLogger("dsync.cache")
+
+Send = Callable[[str, MirrorUpdate], Awaitable[Applied]]  # raises when unreachable
+Fetch = Callable[[str], Awaitable[MirrorImage | None]]  # raises when unreachable
+Register = Callable[[], Awaitable[bool]]  # True: this node's cache had started before
+
+MIRROR_TIMEOUT_SECONDS = 3.0
+RETRY_MIN_SECONDS = 0.1
+RETRY_MAX_SECONDS = 2.0
+
+
+class MirrorUnavailable(Exception):
+    """No peer could take a copy, or a restore could not reach every peer."""
+
+
+@dataclass(slots=True)
+class _Offer:
+    sequence: int
+    writes: dict[str, str | None]
+    done: asyncio.Future[bool]
+
+
+class _Channel:
+    """Keeps one peer's mirror of this node in step: updates in order, one request in
+    flight, and a full image whenever the mirror's position is not known."""
+
+    def __init__(self, peer: str, owner: MirroredCacheStore) -> None:
+        self.peer = peer
+        self._owner = owner
+        self._pending: list[_Offer] = []
+        self.synced: Position | None = None  # the mirror's position, when known
+        self._wake = asyncio.Event()
+        self.stopped = False
+        self.full_images = 0  # sent, for tests and logs
+
+    def offer(self, sequence: int, writes: dict[str, str | None]) -> asyncio.Future[bool]:
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        # While the peer is out of step this waits for the next full image (which carries
+        # these writes) and is answered by it: "no" at once would fail writes for nothing
+        # when the peer comes back, and waiting costs nothing while another peer answers.
+        self._pending.append(_Offer(sequence, writes, done))
+        self._wake.set()
+        return done
+
+    async def run(self) -> None:
+        retry = RETRY_MIN_SECONDS
+        while not self.stopped:
+            if self.synced is None:
+                if await self._send_image():
+                    retry = RETRY_MIN_SECONDS
+                else:
+                    await asyncio.sleep(retry)
+                    retry = min(RETRY_MAX_SECONDS, retry * 2)
+                continue
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            offers, self._pending = self._pending, []
+            writes: dict[str, str | None] = {}
+            for item in offers:
+                writes.update(item.writes)
+            position = (self._owner.incarnation, offers[-1].sequence)
+            ok = await self._send(MirrorUpdate(position, writes, base=self.synced))
+            self.synced = position if ok else None
+            _settle(offers, ok)
+
+    async def _send_image(self) -> bool:
+        position = self._owner.position
+        # Offers up to `position` are in the image; later ones follow it as updates.
+        covered = [o for o in self._pending if o.sequence <= position[1]]
+        self._pending = [o for o in self._pending if o.sequence > position[1]]
+        try:
+            stored = await self._owner.local.load()
+        except Exception as exc:
+            log.warning("cache mirror image not loaded", extra={"error": repr(exc)})
+            ok = False
+        else:
+            self.full_images += 1
+            ok = await self._send(MirrorUpdate(position, image_of(stored)))
+        if ok:
+            self.synced = position
+        else:
+            _settle(self._pending, False)  # a write waits for one attempt at most
+            self._pending = []
+        _settle(covered, ok)
+        return ok
+
+    async def _send(self, update: MirrorUpdate) -> bool:
+        try:
+            async with asyncio.timeout(MIRROR_TIMEOUT_SECONDS):
+                reply = await self._owner.send(self.peer, update)
+        except Exception as exc:
+            log.debug("cache mirror unreachable", extra={"peer": self.peer, "error": repr(exc)})
+            return False
+        if not reply.applied:
+            log.info(
+                "cache mirror out of step; sending a full image",
+                extra={"peer": self.peer, "mirror_at": reply.position, "base": update.base},
+            )
+        return reply.applied
+
+
+def _settle(offers: Sequence[_Offer], ok: bool) -> None:
+    for item in offers:
+        if not item.done.done():
+            item.done.set_result(ok)
+
+
+class MirroredCacheStore:
+    def __init__(
+        self,
+        local: LocalCacheStore,
+        peers: Sequence[str],
+        send: Send,
+        fetch: Fetch,
+        register: Register,
+    ) -> None:
+        self.local = local
+        self.peers = tuple(peers)
+        self.send = send
+        self._fetch = fetch
+        self._register = register
+        self.incarnation = 0
+        self._sequence = 0
+        self.channels = [_Channel(peer, self) for peer in self.peers]
+        self._tasks: list[asyncio.Task[None]] = []
+        self.restored_from: Position | None = None
+
+    @property
+    def position(self) -> Position:
+        return self.incarnation, self._sequence
+
+    async def persist(self, writes: Sequence[Persist]) -> None:
+        await self.local.persist(writes)
+        if not self.channels:
+            return  # a single node: there is nobody to copy to
+        self._sequence += 1
+        fields = fields_of(writes)
+        offers = {ch.offer(self._sequence, fields) for ch in self.channels}
+        deadline = time.monotonic() + MIRROR_TIMEOUT_SECONDS
+        while offers:
+            done, offers = await asyncio.wait(
+                offers,
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not done:
+                break
+            if any(f.result() for f in done):
+                return
+        raise MirrorUnavailable("no peer took a copy of the write; it is not acknowledged")
+
+    async def load(self) -> StoredCache:
+        return await self.local.load()
+
+    async def next_incarnation(self) -> int:
+        """Restore first if the local disk was lost (see the module doc), then count a
+        start. Raises (and changes nothing) while a restore cannot be done safely yet."""
+        if self.peers and await self.local.incarnation() == 0 and await self._register():
+            image = await self._newest_image()
+            if image is not None:
+                await self.local.restore(stored_of(image.writes), image.position[0])
+                self.restored_from = image.position
+                log.warning(
+                    "cache store was lost: restored from the peers' mirrors",
+                    extra={"position": image.position, "hashes": len(image.writes)},
+                )
+        self.incarnation = await self.local.next_incarnation()
+        self._sequence = 0
+        return self.incarnation
+
+    async def _newest_image(self) -> MirrorImage | None:
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(self._fetch(p), MIRROR_TIMEOUT_SECONDS) for p in self.peers),
+            return_exceptions=True,
+        )
+        silent = [
+            p for p, a in zip(self.peers, answers, strict=True) if isinstance(a, BaseException)
+        ]
+        if silent:
+            raise MirrorUnavailable(
+                f"this node's cache store was lost and peers {silent} did not answer: "
+                "the newest copy may be on them, so the cache waits for every peer"
+            )
+        images = [a for a in answers if isinstance(a, MirrorImage)]
+        return max(images, key=lambda image: image.position, default=None)
+
+    def describe(self) -> dict[str, Any]:
+        """Where the copies stand (GET /v1/cache): a peer whose `synced` is null is being
+        sent a full image, or is down."""
+        return {
+            "position": encode_position(self.position),
+            "restored_from": None
+            if self.restored_from is None
+            else encode_position(self.restored_from),
+            "peers": {
+                ch.peer: {
+                    "synced": None if ch.synced is None else encode_position(ch.synced),
+                    "full_images": ch.full_images,
+                }
+                for ch in self.channels
+            },
+        }
+
+    def start(self) -> None:
+        """Start keeping the peers' mirrors in step (each begins with a full image)."""
+        for channel in self.channels:
+            self._tasks.append(asyncio.ensure_future(channel.run()))
+
+    async def stop(self) -> None:
+        for channel in self.channels:
+            channel.stopped = True  # besides the cancel, which a finishing await may absorb
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+
+__all__ = ["MirrorUnavailable", "MirroredCacheStore"]

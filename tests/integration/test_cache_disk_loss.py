@@ -1,0 +1,160 @@
+"""The cache keeps every acknowledged write when a node loses its disk for good.
+
+Every node's cache store is mirrored on its peers (service/cache/mirrored.py). Here a
+node is killed -9, its data directory (Redis AOF included) is deleted, and it is started
+again: it must take back its lines and the directory entries and values it homes, so
+every key reads back its last acknowledged value through every node. A first start with
+one node missing must not wait for it (only a node that had started before restores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from service.cluster import LocalCluster, http_json
+from service.placement import home_node
+from tests.integration.conftest import make_cluster
+
+pytestmark = pytest.mark.slow
+
+MEMBERS = ["node1", "node2", "node3"]
+
+
+def cache(c: LocalCluster, node: int, method: str, key: str, body: Any = None) -> tuple[int, Any]:
+    try:
+        return http_json(
+            method, f"{c.nodes[node].url}/v1/cache/{quote(key, safe='')}", body, timeout=10
+        )
+    except (OSError, ValueError):
+        return 0, {}
+
+
+def describe(c: LocalCluster, node: int) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError, ValueError):
+        status, body = http_json("GET", f"{c.nodes[node].url}/v1/cache", timeout=2)
+        if status == 200:
+            return dict(body)
+    return None
+
+
+def wait_ready(c: LocalCluster, nodes: list[int], timeout: float = 40.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(describe(c, n) is not None for n in nodes):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the cache did not start on nodes {nodes}")
+
+
+def wait_mirrored(c: LocalCluster, nodes: list[int], timeout: float = 20.0) -> None:
+    """Until every node's mirrors on its running peers are in step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        views = [describe(c, n) for n in nodes]
+        if all(
+            v is not None
+            and all(
+                p["synced"] is not None
+                for peer, p in v["mirrors"]["peers"].items()
+                if int(peer.removeprefix("node")) - 1 in nodes
+            )
+            for v in views
+        ):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the mirrors did not get in step")
+
+
+def lose_disk(c: LocalCluster, index: int) -> None:
+    """kill -9 the node and its Redis, then delete everything it stored (not its log)."""
+    c.kill(index)
+    for path in c.nodes[index].data_dir.iterdir():
+        if path.name == "node.log":
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def write_all(c: LocalCluster, keys: list[str], rounds: int) -> dict[str, tuple[int, Any]]:
+    """Write every key through varying nodes (owners on every node), read some through
+    others (shared copies); return key -> (version, value) last acknowledged."""
+    written: dict[str, tuple[int, Any]] = {}
+    for r in range(rounds):
+        for i, key in enumerate(keys):
+            value = {"key": key, "round": r}
+            status, body = cache(c, (i + r) % c.size, "PUT", key, {"value": value})
+            assert status == 200, f"PUT {key}: {status} {body}"
+            written[key] = (body["version"], value)
+            if i % 3 == 0:
+                assert cache(c, (i + r + 1) % c.size, "GET", key)[0] == 200
+    return written
+
+
+def check_all(c: LocalCluster, written: dict[str, tuple[int, Any]], nodes: list[int]) -> None:
+    for key, (version, value) in written.items():
+        for node in nodes:
+            status, body = cache(c, node, "GET", key)
+            assert status == 200, f"GET {key} via node{node + 1}: {status} {body}"
+            assert (body["version"], body["value"]) == (version, value), (
+                f"{key} via node{node + 1}: v{body['version']} {body['value']} "
+                f"instead of v{version} {value}"
+            )
+
+
+def test_a_node_that_lost_its_disk_gets_its_cache_back(cluster: LocalCluster) -> None:
+    cluster.wait_for_leader(30)
+    wait_ready(cluster, [0, 1, 2])
+    keys = [f"disk-{i}" for i in range(36)]
+    homed = sum(home_node(k, MEMBERS) == "node1" for k in keys)
+    assert homed >= 5, "the test needs keys homed on the victim"
+    written = write_all(cluster, keys, rounds=2)
+    wait_mirrored(cluster, [0, 1, 2])
+
+    lose_disk(cluster, 0)
+    cluster.start(0)
+    wait_ready(cluster, [0, 1, 2])
+    view = describe(cluster, 0)
+    assert view is not None and view["mirrors"]["restored_from"] is not None, view
+    check_all(cluster, written, [0, 1, 2])
+
+    # The restored node works on: new writes through it, then a plain kill -9 of it.
+    more = write_all(cluster, keys[:12], rounds=1)
+    written.update(more)
+    wait_mirrored(cluster, [0, 1, 2])
+    cluster.kill(0)
+    cluster.start(0)
+    wait_ready(cluster, [0, 1, 2])
+    check_all(cluster, written, [0, 1, 2])
+
+
+def test_a_first_start_does_not_wait_for_a_missing_node(tmp_path: Path) -> None:
+    c = make_cluster(tmp_path)
+    try:
+        c.start(0)
+        c.start(1)
+        c.wait_for_leader(30)
+        wait_ready(c, [0, 1], timeout=30)
+        keys = [k for k in (f"first-{i}" for i in range(30)) if home_node(k, MEMBERS) != "node3"]
+        written = {}
+        for i, key in enumerate(keys[:10]):
+            status, body = cache(c, i % 2, "PUT", key, {"value": i})
+            assert status == 200, f"PUT {key}: {status} {body}"
+            written[key] = (body["version"], i)
+        check_all(c, written, [0, 1])
+        c.start(2)  # joins late: a first start as well, no restore
+        wait_ready(c, [0, 1, 2])
+        view = describe(c, 2)
+        assert view is not None and view["mirrors"]["restored_from"] is None
+        check_all(c, written, [0, 1, 2])
+    finally:
+        c.stop(timeout=10)
+        c.kill_all()
