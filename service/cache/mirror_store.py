@@ -22,13 +22,13 @@ Redis layout (readable with redis-cli):
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from redis.asyncio import Redis
-from redis.exceptions import WatchError
 
 from service.cache.messages import PersistEntry
 from service.cache.store import Persist, StoredCache
@@ -37,7 +37,6 @@ MIRROR_PREFIX = "dsync:cache:mirror:"
 POSITION_FIELD = "@position"
 LINE_TAG = "L:"
 ENTRY_TAG = "D:"
-_WATCH_ATTEMPTS = 16
 
 Position = tuple[int, int]  # (incarnation, sequence) of the source node
 
@@ -169,34 +168,39 @@ class MemoryMirrorStore:
 
 
 class RedisMirrorStore:
+    """Only this node writes the mirrors in its Redis, so "check the position, then
+    write" is made one step by a lock per source in this process, and the position is
+    remembered: an update is one MULTI round trip (no WATCH, no read)."""
+
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._positions: dict[str, Position | None] = {}  # as last read or written
 
     async def apply(self, source: str, update: MirrorUpdate) -> Applied:
         name = MIRROR_PREFIX + source
-        sets = {k: v for k, v in update.writes.items() if v is not None}
-        deletes = [k for k, v in update.writes.items() if v is None]
-        # WATCH makes "check the position, then write" one step even if a late copy of an
-        # earlier update from the same source is being applied at the same time.
-        for _ in range(_WATCH_ATTEMPTS):
+        async with self._locks.setdefault(source, asyncio.Lock()):
+            if source in self._positions:
+                current = self._positions[source]
+            else:
+                current = decode_position(await self._redis.hget(name, POSITION_FIELD))
+                self._positions[source] = current
+            if not fits(update, current):
+                return Applied(False, current)
+            sets = {k: v for k, v in update.writes.items() if v is not None}
+            sets[POSITION_FIELD] = encode_position(update.position)
+            deletes = [k for k, v in update.writes.items() if v is None]
+            # Whatever happens to the MULTI, the position is read again next time.
+            del self._positions[source]
             async with self._redis.pipeline(transaction=True) as pipe:
-                try:
-                    await pipe.watch(name)
-                    current = decode_position(await pipe.hget(name, POSITION_FIELD))
-                    if not fits(update, current):
-                        return Applied(False, current)
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    if update.full:
-                        pipe.delete(name)
-                    elif deletes:
-                        pipe.hdel(name, *deletes)
-                    sets[POSITION_FIELD] = encode_position(update.position)
-                    pipe.hset(name, mapping=sets)  # type: ignore[arg-type]
-                    await pipe.execute()
-                    return Applied(True, update.position)
-                except WatchError:
-                    continue
-        raise RuntimeError(f"mirror of {source} kept changing under {_WATCH_ATTEMPTS} attempts")
+                if update.full:
+                    pipe.delete(name)
+                elif deletes:
+                    pipe.hdel(name, *deletes)
+                pipe.hset(name, mapping=sets)  # type: ignore[arg-type]
+                await pipe.execute()
+            self._positions[source] = update.position
+            return Applied(True, update.position)
 
     async def image(self, source: str) -> MirrorImage | None:
         raw = await self._redis.hgetall(MIRROR_PREFIX + source)

@@ -163,7 +163,12 @@ class CacheService:
         `mirrors`. Called by the node once its Redis is up, before attach."""
         self.mirrors = mirrors
         self.store = MirroredCacheStore(
-            local, sorted(self.peer_urls), self._send_mirror, self._fetch_mirror, self._register
+            self.node_id,
+            local,
+            sorted(self.peer_urls),
+            self._send_mirror,
+            self._fetch_mirror,
+            self._register,
         )
 
     def attach(self, runner: RaftRunner) -> None:

@@ -3,6 +3,7 @@ and a real redis-server. Each test reads back through a reopened store."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
@@ -149,3 +150,11 @@ async def test_redis_layout_is_one_readable_hash_per_source(backend: Backend) ->
 def test_the_last_write_of_a_hash_in_a_batch_wins() -> None:
     writes = fields_of([PersistLine("n1", "k", LINE), PersistLine("n1", "k", None)])
     assert writes == {"L:k": None}
+
+
+async def test_concurrent_copies_of_one_update_apply_once(backend: Backend) -> None:
+    await backend.store.apply("n1", image((1, 0), a="1"))
+    update = MirrorUpdate((1, 1), {"b": "2"}, base=(1, 0))
+    results = await asyncio.gather(*(backend.store.apply("n1", update) for _ in range(5)))
+    assert sum(r.applied for r in results) == 1
+    assert all(r.position == (1, 1) for r in results)
