@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
@@ -29,7 +31,9 @@ from service.machines import MachineRegistry
 from service.metrics import NodeMetrics
 from service.queue.service import QueueService
 from service.queue.store import RedisPartitionStore
-from service.raft.core import RaftConfig, RaftCore, Role
+from service.raft.core import ABSTAIN, RaftConfig, RaftCore, Role
+from service.raft.messages import HardState
+from service.raft.rejoin import REJOIN_KEY, ask_health, term_floor
 from service.raft.runner import RaftRunner, decode_snapshot_data
 from service.statemachine import StateMachine
 from service.storage.embedded import EmbeddedRedis
@@ -69,6 +73,7 @@ class Node:
     peer_urls: dict[str, str] = field(default_factory=dict)
     services: list[Any] = field(default_factory=list)
     _site_runner: web.AppRunner | None = None
+    _rejoin_task: asyncio.Future[None] | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -187,6 +192,8 @@ class Node:
             for prefix in registry.prefixes:
                 hashes.update(await self.state.load_prefix(prefix))
         registry.load(hashes)
+        fresh = hard_state == HardState() and snapshot is None and last == 0 and applied == 0
+        hard_state, rejoining = await self._check_lost_storage(hard_state, fresh)
         config = RaftConfig(
             election_ticks=settings.election_ticks, heartbeat_ticks=settings.heartbeat_ticks
         )
@@ -199,6 +206,7 @@ class Node:
             snapshot=snapshot,
             entries=entries,
             applied=applied,
+            rejoining=rejoining,
         )
         log.info(
             "loaded raft state",
@@ -267,6 +275,46 @@ class Node:
             service.attach(self.runner)
         self.runner.start()
 
+    async def _check_lost_storage(
+        self, hard_state: HardState, fresh: bool
+    ) -> tuple[HardState, bool]:
+        """Empty Raft storage in a cluster that has a log: this node lost its storage and
+        comes back as service/raft/rejoin.py explains. Returns the hard state to start
+        from and whether the core starts rejoining."""
+        assert self.redis is not None and self.storage is not None
+        marked = bool(await self.redis.exists(REJOIN_KEY))
+        if fresh and self.peer_urls:
+            async with aiohttp.ClientSession() as session:
+                floor = await term_floor(
+                    self.peer_urls, functools.partial(ask_health, session)
+                )
+            if floor is not None or marked:
+                # The marker first: a crash between the two writes must not leave a hard
+                # state that looks like an ordinary one.
+                await self.redis.set(REJOIN_KEY, "1")
+                hard_state = HardState(floor or 0, ABSTAIN)
+                await self.storage.save_hard_state(hard_state)
+                marked = True
+                log.warning(
+                    "Raft storage was lost: rejoining, with no vote until caught up",
+                    extra={"term": hard_state.term},
+                )
+        if marked:
+            self._spawn_rejoin_watch()
+            if self.queues is not None:
+                self.queues.storage_lost = True
+        return hard_state, marked
+
+    def _spawn_rejoin_watch(self) -> None:
+        async def watch() -> None:
+            while self.runner is None or self.runner.core.rejoining:
+                await asyncio.sleep(0.2)
+            assert self.redis is not None
+            await self.redis.delete(REJOIN_KEY)
+            log.info("caught up after lost storage: voting again")
+
+        self._rejoin_task = asyncio.ensure_future(watch())
+
     # --- queries used by the API -------------------------------------------------
 
     def leader_url(self) -> str | None:
@@ -307,6 +355,8 @@ class Node:
         for service in self.services:
             with contextlib.suppress(Exception):
                 await service.stop()
+        if self._rejoin_task is not None:
+            self._rejoin_task.cancel()
         if runner is not None:
             await runner.stop()
         if self.transport is not None:

@@ -30,6 +30,7 @@ async def health(request: web.Request) -> web.Response:
                 "term": 0,
                 "leader": None,
                 "commit_index": 0,
+                "last_log_index": 0,
             }
         )
     status = node.runner.status()
@@ -43,6 +44,9 @@ async def health(request: web.Request) -> web.Response:
             "leader": status.leader,
             "commit_index": status.commit_index,
             "applied_index": status.applied_index,
+            # Additions: a node back from lost storage asks its peers these (rejoin.py).
+            "last_log_index": status.last_index,
+            "rejoining": status.rejoining,
         },
         status=200 if healthy else 503,
     )

@@ -111,6 +111,10 @@ class QueueServiceBase:
         self._group_flusher: GroupFlusher | None = None
         self._peer_ok: dict[str, float] = {}  # loop time of each peer's last good reply
         self._started_at = 0.0
+        # This node's storage was lost (service/raft/rejoin.py): its partition replicas
+        # are empty, whatever the metadata says. Until it has left every ISR it is in
+        # (ControlMixin.hand_over_after_loss), it leads no partition.
+        self.storage_lost = False
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)

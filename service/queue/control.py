@@ -148,6 +148,45 @@ class ControlMixin(QueueServiceBase):
             await asyncio.sleep(0.5)
             self._moving.discard(key)
 
+    async def hand_over_after_loss(self) -> None:
+        """This node's storage was lost: leave the ISR of every partition (handing the
+        leadership of those it led to another in-sync replica), so that no acknowledged
+        message depends on its empty copies; then lead again as the metadata says. The
+        partition leaders add it back once it has caught up, as after any outage."""
+        runner = self.runner
+        while runner is not None and runner.core.rejoining and not self._stopping:
+            await asyncio.sleep(0.1)  # the metadata is complete once Raft caught up
+        while not self._stopping:
+            changes: list[tuple[str, dict[str, object]]] = []
+            for meta in self.meta.queues():
+                for index, part in enumerate(meta.partitions):
+                    if self.node_id not in part.isr:
+                        continue
+                    others = [n for n in part.isr if n != self.node_id]
+                    args = {"queue": meta.name, "partition": index, "epoch": part.epoch,
+                            "isr": others}
+                    if part.leader != self.node_id:
+                        changes.append(("queue.isr", args))
+                    elif others:
+                        changes.append(("queue.move", {**args, "leader": others[0]}))
+                    else:
+                        log.error(
+                            "storage lost and no other in-sync replica: the messages "
+                            "this partition held only here are gone",
+                            extra={"queue": meta.name, "partition": index},
+                        )
+            if not changes:
+                break
+            for op, args in changes:
+                try:
+                    await self.propose_meta(op, dict(args))
+                except QueueError as exc:
+                    log.info("handing over after storage loss", extra={"error": exc.message})
+            await asyncio.sleep(0.2)
+        log.info("queue partitions handed over after storage loss")
+        self.storage_lost = False
+        self._reconcile_needed.set()
+
     def _trim_and_gauge(self) -> None:
         for (queue, partition), replica in list(self.replicas.items()):
             if not replica.leading:

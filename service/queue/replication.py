@@ -112,7 +112,9 @@ class ReplicationMixin(QueueServiceBase):
             elif reply.get("error"):
                 continue  # stale epoch / unknown queue: metadata will catch up
             elif replica.agrees(seq, stamp):
-                replica.follower_ack(peer, seq)
+                # Where the follower really is: it may be behind what it acked before
+                # (its storage was lost), and then catches up from there.
+                replica.follower_acked[peer] = seq
             else:
                 # Diverged or too far behind: the next round sends the whole state.
                 replica.follower_acked[peer] = -1

@@ -68,6 +68,8 @@ class QueueService(ReplicationMixin, ControlMixin):
             self._spawn(self._sender(peer))
         self._spawn(self._reconciler())
         self._spawn(self._maintenance())
+        if self.storage_lost:
+            self._spawn(self.hand_over_after_loss())
         self._reconcile_needed.set()
 
     async def stop(self) -> None:
@@ -113,7 +115,10 @@ class QueueService(ReplicationMixin, ControlMixin):
                         existing.step_down()
                     continue
                 replica = await self._replica(meta.name, index)
-                if part.leader == self.node_id:
+                if part.leader == self.node_id and self.storage_lost:
+                    if replica.leading:
+                        replica.step_down()
+                elif part.leader == self.node_id:
                     if replica.leader_epoch != part.epoch:
                         if replica.leading:
                             replica.step_down()

@@ -101,6 +101,12 @@ class _PendingRead:
     index: int
 
 
+# The vote of a node that lost its storage, for the highest term its peers reported: it
+# may have voted in that term before the loss, so it must not vote in it again. Not a
+# valid node id (service/config.py), so it never matches a candidate.
+ABSTAIN: NodeId = "!abstain"
+
+
 @dataclass(slots=True)
 class RaftStatus:
     node: NodeId
@@ -113,6 +119,7 @@ class RaftStatus:
     snapshot_index: int
     voters: tuple[NodeId, ...]
     progress: dict[NodeId, tuple[int, int, bool]] = field(default_factory=dict)
+    rejoining: bool = False
 
 
 class RaftCore:
@@ -127,12 +134,18 @@ class RaftCore:
         snapshot: Snapshot | None = None,
         entries: tuple[Entry, ...] | list[Entry] = (),
         applied: int = 0,
+        rejoining: bool = False,
     ) -> None:
         """Create a node, or restore one from what its storage held.
 
         `voters` is the bootstrap configuration, used only when neither the snapshot nor
         the log holds a configuration. `applied` is the index the materialised state
         machine already reflects; everything up to it is known committed.
+
+        `rejoining`: this node lost its storage and is back with an empty one (see
+        `rejoining` below); the caller has also given it a hard state whose term is the
+        highest any peer reported, with the vote ABSTAIN, so it cannot vote twice in a
+        term it may have voted in before the loss.
         """
         self.id = node_id
         self.cfg = config or RaftConfig()
@@ -158,6 +171,14 @@ class RaftCore:
             raise ValueError(f"applied index {applied} beyond last log index {self.log.last_index}")
         self.commit = max(snap_index, applied)
         self.applied = self.commit
+
+        # A node that lost its log may have been part of the majority that committed
+        # entries nobody else still holds; while it lacks them, its vote could elect a
+        # leader without them. So it grants no vote (nor PreVote) until its commit index
+        # reaches the commit index of the first leader that contacts it (whose log holds
+        # every committed entry: Leader Completeness).
+        self.rejoining = rejoining
+        self._rejoin_target: int | None = None
 
         self.role = Role.FOLLOWER
         self.leader: NodeId | None = None
@@ -378,6 +399,7 @@ class RaftCore:
             snapshot_index=self.log.snapshot_index,
             voters=self.voters,
             progress=progress,
+            rejoining=self.rejoining,
         )
 
     def _hard_state(self) -> HardState:
@@ -441,7 +463,9 @@ class RaftCore:
     # --- elections ----------------------------------------------------------
 
     def _promotable(self) -> bool:
-        return self.id in self.voters
+        # A rejoining node (see __init__) cannot win without the entries it lacks, and
+        # its campaigns would only push terms up: it waits to be caught up.
+        return self.id in self.voters and not self.rejoining
 
     def _tick_election(self) -> None:
         self.election_elapsed += 1
@@ -494,6 +518,9 @@ class RaftCore:
         )
 
     def _handle_vote_request(self, m: VoteRequest) -> None:
+        if self.rejoining:
+            self._send(VoteResponse(self.term, self.id, m.src, False, m.prevote))
+            return
         up_to_date = self.log.is_up_to_date(m.last_log_index, m.last_log_term)
         if m.prevote:
             grant = m.term > self.term and up_to_date
@@ -551,9 +578,11 @@ class RaftCore:
         elif isinstance(m, AppendRequest):
             self._on_leader_contact(m.src)
             self._handle_append(m)
+            self._note_rejoin_progress(m.commit)
         elif isinstance(m, SnapshotRequest):
             self._on_leader_contact(m.src)
             self._handle_snapshot(m)
+            self._note_rejoin_progress(m.snapshot.meta.index)
         elif isinstance(m, AppendResponse):
             self._handle_append_response(m)
         elif isinstance(m, SnapshotResponse):
@@ -572,6 +601,14 @@ class RaftCore:
             self._send(SnapshotResponse(self.term, self.id, m.src, 0))
         elif isinstance(m, VoteRequest):
             self._send(VoteResponse(self.term, self.id, m.src, False, m.prevote))
+
+    def _note_rejoin_progress(self, leader_commit: int) -> None:
+        if not self.rejoining:
+            return
+        if self._rejoin_target is None:
+            self._rejoin_target = leader_commit
+        if self.commit >= self._rejoin_target:
+            self.rejoining = False  # caught up: a vote here is as informed as anyone's
 
     def _on_leader_contact(self, leader: NodeId) -> None:
         if self.role != Role.FOLLOWER:
@@ -597,7 +634,11 @@ class RaftCore:
                 hint = self.log.last_index + 1
             else:
                 hint = self.log.first_index_of_term(prev_index, self.commit)
-            self._send(AppendResponse(self.term, self.id, m.src, False, hint, m.read_ctx))
+            self._send(
+                AppendResponse(
+                    self.term, self.id, m.src, False, hint, m.read_ctx, log_lost=self.rejoining
+                )
+            )
             return
         truncated, added = self.log.merge(entries)
         if truncated:
@@ -713,6 +754,11 @@ class RaftCore:
             pr.read_ack = max(pr.read_ack, m.read_ctx)
             self._release_reads()
         if not m.success:
+            if m.log_lost:
+                # Its log is gone, whatever it acknowledged before: a match index never
+                # goes back otherwise, so without this the leader would keep probing
+                # above an empty log forever.
+                pr.match = 0
             pr.next = max(pr.match + 1, min(m.match_index, pr.next))
             pr.next = max(pr.next, 1)
             self._send_append(m.src)

@@ -110,6 +110,9 @@ class AppendResponse:
     # the first index of the conflicting term).
     match_index: int
     read_ctx: int = 0
+    # The follower lost its storage and is rejoining (core.py): what it acknowledged
+    # before is gone, so the leader must stop counting on it and start over.
+    log_lost: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,8 @@ dsync:raft:log                 zset    One member per log entry after the snapsh
                                        e.g. ``42:7:normal:<command bytes>``.
 dsync:raft:snapshot            hash    ``index``, ``term``, ``voters`` (comma separated),
                                        ``data`` (opaque state machine dump).
+dsync:raft:rejoining           string  Present while this node, back with lost storage,
+                                       has not caught up (service/raft/rejoin.py).
 dsync:state:applied_index      string  Highest log index whose effects are in the state
                                        hashes below (decimal, written in the same MULTI).
 dsync:<service>:...            hash    Applied state of each state machine under its own

@@ -32,7 +32,7 @@ from service.raft.messages import (
     VoteResponse,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: AppendResponse carries log_lost
 
 TAG_VOTE_REQUEST = 1
 TAG_VOTE_RESPONSE = 2
@@ -79,6 +79,7 @@ def _wire(m: Message) -> list[object]:
             bool(m.success),
             m.match_index,
             m.read_ctx,
+            bool(m.log_lost),
         ]
     if isinstance(m, VoteRequest):
         return [
@@ -227,6 +228,7 @@ def _append_response(f: list[object]) -> AppendResponse:
         success=_bool(f[4], "success"),
         match_index=_uint(f[5], "match_index"),
         read_ctx=_uint(f[6], "read_ctx"),
+        log_lost=_bool(f[7], "log_lost"),
     )
 
 
@@ -262,7 +264,7 @@ _DECODERS: dict[int, tuple[int, Callable[[list[object]], Message]]] = {
     TAG_VOTE_REQUEST: (8, _vote_request),
     TAG_VOTE_RESPONSE: (6, _vote_response),
     TAG_APPEND_REQUEST: (9, _append_request),
-    TAG_APPEND_RESPONSE: (7, _append_response),
+    TAG_APPEND_RESPONSE: (8, _append_response),
     TAG_SNAPSHOT_REQUEST: (8, _snapshot_request),
     TAG_SNAPSHOT_RESPONSE: (5, _snapshot_response),
     TAG_TIMEOUT_NOW: (4, _timeout_now),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from service.raft.core import (
+    ABSTAIN,
     ConfigChangeRejected,
     NotLeader,
     RaftConfig,
@@ -155,7 +156,7 @@ class Net:
 
     # lifecycle
 
-    def start(self, node: str) -> RaftCore:
+    def start(self, node: str, *, rejoining: bool = False) -> RaftCore:
         disk = self.disks[node]
         core = RaftCore(
             node,
@@ -166,9 +167,17 @@ class Net:
             snapshot=disk.snapshot,
             entries=tuple(disk.entries),
             applied=disk.applied_index,
+            rejoining=rejoining,
         )
         self.cores[node] = core
         return core
+
+    def lose_disk(self, node: str, peer_term: int) -> RaftCore:
+        """The node comes back with empty storage; as the node runtime does, it is given
+        the highest term its peers report with the ABSTAIN vote, and rejoins."""
+        self.cores.pop(node, None)
+        self.disks[node] = Disk(hard_state=HardState(peer_term, ABSTAIN))
+        return self.start(node, rejoining=True)
 
     def crash(self, node: str) -> None:
         del self.cores[node]
@@ -967,3 +976,75 @@ def test_only_a_leaders_appends_may_leave_before_its_persist():
     frd = follower.ready()
     assert frd.entries and any(isinstance(m, AppendResponse) for m in frd.messages)
     assert frd.early_messages(leading=follower.role == Role.LEADER) == ([], frd.messages)
+
+
+# --- a node that lost its disk (not in the paper: the thesis §10.3 notes that Raft
+# assumes stable storage survives; service/node.py brings such a node back this way) ---
+
+
+def test_a_node_back_with_an_empty_disk_cannot_vote_again_in_a_term_it_voted_in():
+    net = Net()
+    c = net.cores["c"]
+    c.step(VoteRequest(1, "a", "c", 0, 0))
+    net.handle("c")
+    c = net.lose_disk("c", peer_term=1)  # the vote for a is gone with the disk
+    c.step(VoteRequest(1, "b", "c", 0, 0))
+    rd = net.handle("c")
+    assert [m.granted for m in rd.messages if isinstance(m, VoteResponse)] == [False]
+
+
+def test_a_rejoining_node_neither_votes_nor_campaigns_until_caught_up():
+    net = Net()
+    leader = net.elect("a")
+    for i in range(3):
+        leader.propose(b"cmd%d" % i)
+    net.deliver()
+    c = net.lose_disk("c", peer_term=leader.term)
+    for _ in range(3 * ELECTION):
+        c.tick()
+    rd = net.handle("c")
+    assert not any(isinstance(m, VoteRequest) for m in rd.messages), "it campaigned"
+    c.step(VoteRequest(leader.term + 1, "b", "c", leader.log.last_index, leader.term))
+    rd = net.handle("c")
+    assert [m.granted for m in rd.messages if isinstance(m, VoteResponse)] == [False]
+    assert c.rejoining
+    net.deliver()  # b's request deposed a; a leader is elected again without c's vote
+    for _ in range(6 * ELECTION):
+        net.tick_all()
+        if not c.rejoining:
+            break
+    leaders = [core for core in net.cores.values() if core.role == Role.LEADER]
+    assert not c.rejoining and len(leaders) == 1
+    assert c.log.last_index == leaders[0].log.last_index
+
+
+def test_a_rejoining_node_cannot_help_elect_a_leader_without_what_it_lost():
+    """a and c committed X; b never got it. c loses its disk and a crashes: b must not
+    become leader with c's vote, or X, acknowledged, would be overwritten."""
+    net = Net()
+    leader = net.elect("a")
+    net.cut |= {("a", "b")}
+    index, _ = leader.propose(b"X")
+    net.deliver()
+    assert leader.commit >= index and net.cores["b"].log.last_index < index
+    net.crash("a")
+    net.heal()
+    net.lose_disk("c", peer_term=leader.term)
+    for _ in range(3):
+        b = net.campaign("b")
+        net.deliver()
+        assert role(b) != Role.LEADER
+
+
+def test_a_leader_starts_over_with_a_follower_that_lost_its_log():
+    """The leader's match index for c says c holds everything; c's rejection says its log
+    is gone (log_lost), and the leader sends it all again instead of probing forever."""
+    net = Net()
+    leader = net.elect("a")
+    for i in range(4):
+        leader.propose(b"cmd%d" % i)
+    net.deliver()
+    c = net.lose_disk("c", peer_term=leader.term)
+    net.tick_all(3 * HEARTBEAT)
+    assert not c.rejoining and c.log.last_index == leader.log.last_index
+    assert c.commit == leader.commit

@@ -176,6 +176,11 @@ class Checker:
         w = self.watch[node]
         w.max_applied = max(w.max_applied, entry.index)
 
+    def on_disk_lost(self, node: str, hs: HardState) -> None:
+        """The node's disk is empty now, but for the hard state it is given: what it
+        applied and persisted before is gone (the cluster must still have it)."""
+        self.watch[node] = NodeWatch(hard_state=hs, term=hs.term)
+
     def on_restart(self, node: str, core: RaftCore, disk_applied: int) -> None:
         w = self.watch[node]
         if core.applied < w.max_applied:

@@ -20,10 +20,11 @@ from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Final
 
-from service.raft.core import RaftConfig, RaftCore, RaftError, Role
+from service.raft.core import ABSTAIN, RaftConfig, RaftCore, RaftError, Role
 from service.raft.messages import (
     AppendRequest,
     AppendResponse,
+    HardState,
     Message,
     Ready,
     Snapshot,
@@ -77,6 +78,9 @@ class Faults:
     transfer_every: int = 0
     propose_every: int = 3 * TICK
     read_every: int = 8 * TICK
+    # Probability that a restart finds the node's disk empty (drawn from a generator of
+    # its own, so runs without disk loss keep their trajectories and pinned seeds).
+    disk_loss: float = 0.0
 
 
 CHAOS: Final = Faults(
@@ -93,6 +97,10 @@ CHAOS: Final = Faults(
     propose_every=2 * TICK,
     read_every=6 * TICK,
 )
+
+# CHAOS, and some restarts lose the disk: the node comes back as service/node.py brings
+# it back (the highest term of its peers with the ABSTAIN vote, rejoining).
+DISK_LOSS: Final = replace(CHAOS, disk_loss=0.3)
 
 CALM: Final = Faults(compact=0.04, propose_every=4 * TICK, read_every=8 * TICK)
 
@@ -123,6 +131,7 @@ class Cluster:
         self.seed = seed
         self.size = size
         self.rng = random.Random(seed)
+        self._disk_rng = random.Random(seed * 7919 + 17)
         self.cfg = config or RaftConfig(election_ticks=10, heartbeat_ticks=2)
         self.faults = faults
         self.ids = [f"n{i}" for i in range(1, size + 1)]
@@ -162,7 +171,7 @@ class Cluster:
         self._deliver_due()
         for node in self.nodes.values():
             if node.core is None and node.restart_at is not None and node.restart_at <= t:
-                self._start(node)
+                self._restart(node)
         for name in TIMERS:
             if self.timers.get(name, -1) == t:
                 self._fire(name)
@@ -193,6 +202,22 @@ class Cluster:
 
     # --- node lifecycle ---------------------------------------------------------------------
 
+    def _restart(self, node: SimNode) -> None:
+        if self.faults.disk_loss and self._disk_rng.random() < self.faults.disk_loss:
+            others = [n.core for n in self.nodes.values() if n is not node]
+            # As the node runtime does: only with every peer answering, and one lost disk
+            # at a time (a second before the first caught up is two failures at once).
+            # Not in a configuration of two voters either: it tolerates no failure.
+            if all(c is not None and not c.rejoining and len(c.voters) >= 3 for c in others):
+                floor = max(c.term for c in others if c is not None)
+                node.disk = Disk(hard_state=HardState(floor, ABSTAIN), rejoining=True)
+                self.checker.on_disk_lost(node.id, node.disk.hard_state)
+                self.stats["disk_losses"] += 1
+                self._trace(node.id, "DISK LOST", f"back with term {floor}, rejoining")
+                self._start(node)
+                return
+        self._start(node)
+
     def _start(self, node: SimNode) -> None:
         disk = node.disk
         if disk.snapshot is not None and disk.machine.applied < disk.snapshot.meta.index:
@@ -207,6 +232,7 @@ class Cluster:
             snapshot=disk.snapshot,
             entries=tuple(disk.entries),
             applied=disk.machine.applied,
+            rejoining=disk.rejoining,
         )
         node.core = core
         node.restart_at = None
@@ -256,6 +282,8 @@ class Cluster:
                 f"last={core.log.last_index} commit={core.commit}",
             )
         self.checker.after_turn(node.id, core, self._leaders())
+        if node.disk.rejoining and not core.rejoining:
+            node.disk.rejoining = False  # caught up: as the runtime deletes its marker
 
     def _handle_ready(self, node: SimNode, core: RaftCore) -> None:
         if not core.has_ready():
@@ -485,6 +513,8 @@ class Cluster:
         self._wake(node_id)
 
     def _change_config(self) -> None:
+        if any(n.disk.rejoining for n in self.nodes.values()):
+            return  # a voter that lost its disk counts as failed until it caught up
         leaders = self._leaders()
         if not leaders:
             return
@@ -573,6 +603,23 @@ class Cluster:
             f"(leaders now: {[(i, c.term) for i, c in self._leaders()]})"
         )
 
+    def check_rejoined(self, max_ticks: int) -> None:
+        """After heal(): every node back from a lost disk has caught up within max_ticks
+        (a leader that kept counting on its lost log would probe above it forever)."""
+        deadline = self.now + max_ticks * TICK
+
+        def stuck() -> list[str]:
+            # Only members: a leader replicates to the nodes of its configuration.
+            members = {v for _, lead in self._leaders() for v in lead.voters}
+            return [n.id for n in self.nodes.values() if n.disk.rejoining and n.id in members]
+
+        for _ in range(max_ticks * TICK * 50):
+            if self._leaders() and not stuck():
+                return
+            if not self.step(until=deadline):
+                break
+        raise LivenessFailure(f"{stuck()} still rejoining {max_ticks} ticks after healing")
+
     # --- trace ----------------------------------------------------------------------------
 
     def _trace(self, node: str, what: str, detail: object) -> None:
@@ -643,6 +690,7 @@ def run_seed(
     chaos_ticks: int = 300,
     liveness_ticks: int = 200,
     config: RaftConfig | None = None,
+    faults: Faults = CHAOS,
 ) -> Cluster:
     """Chaos for `chaos_ticks`, then heal and require progress within `liveness_ticks`.
 
@@ -650,10 +698,12 @@ def run_seed(
     """
     cluster: Cluster | None = None
     try:
-        cluster = Cluster(seed, size, config=config)
+        cluster = Cluster(seed, size, config=config, faults=faults)
         cluster.run(chaos_ticks * TICK)
         cluster.heal()
         cluster.check_liveness(liveness_ticks)
+        if faults.disk_loss:
+            cluster.check_rejoined(liveness_ticks)
         return cluster
     except Exception as exc:  # a violated property, or the core itself raised
         trace = cluster.format_trace() if cluster is not None else []

@@ -59,6 +59,7 @@ class Disk:
     snapshot: Snapshot | None = None
     entries: list[Entry] = field(default_factory=list)
     machine: StateMachine = field(default_factory=StateMachine)
+    rejoining: bool = False  # back from a lost disk and not caught up yet (a marker)
 
     @property
     def snapshot_index(self) -> int:

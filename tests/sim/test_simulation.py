@@ -39,6 +39,7 @@ from service.raft.messages import (
 )
 from tests.sim.checker import Checker, SafetyViolation
 from tests.sim.cluster import (
+    DISK_LOSS,
     TICK,
     Cluster,
     SimNode,
@@ -147,6 +148,31 @@ def _pinned_id(pinned: tuple[int, int, int, RaftConfig | None]) -> str:
     seed, size, ticks, config = pinned
     flags = "" if config is None else f"-prevote{config.prevote:d}-cq{config.check_quorum:d}"
     return f"{size}nodes-seed{seed}-ticks{ticks}{flags}"
+
+
+DISK_LOSS_SEEDS = 60  # per cluster size
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_seeded_simulation_with_lost_disks(size: int) -> None:
+    """CHAOS, and some restarts come back with an empty disk (rejoining, service/raft/
+    rejoin.py): every safety property still holds, and the cluster is live after."""
+    failures: list[SimulationFailure] = []
+    losses = 0
+    for seed in range(DISK_LOSS_SEEDS):
+        try:
+            cluster = run_seed(
+                seed, size, chaos_ticks=CHAOS_TICKS, liveness_ticks=LIVENESS_TICKS,
+                faults=DISK_LOSS,
+            )  # fmt: skip
+        except SimulationFailure as failure:
+            failures.append(failure)
+            continue
+        losses += cluster.stats["disk_losses"]
+    if failures:
+        details = "\n\n".join(str(f) for f in failures[:3])
+        pytest.fail(f"{len(failures)} run(s) with lost disks failed:\n\n{details}", pytrace=False)
+    assert losses >= DISK_LOSS_SEEDS, f"only {losses} disks were lost: the fault did not run"
 
 
 @pytest.mark.parametrize("pinned", PINNED_SEEDS, ids=_pinned_id)

@@ -1,4 +1,9 @@
-"""The cache keeps every acknowledged write when a node loses its disk for good.
+"""Nothing acknowledged is lost when a node loses its disk for good.
+
+Raft: the node comes back with empty storage, rejoins without voting until it has caught
+up (service/raft/rejoin.py), and every acknowledged write is still there.
+
+The cache keeps every acknowledged write too.
 
 Every node's cache store is mirrored on its peers (service/cache/mirrored.py). Here a
 node is killed -9, its data directory (Redis AOF included) is deleted, and it is started
@@ -20,6 +25,8 @@ import pytest
 
 from service.cluster import LocalCluster, http_json
 from service.placement import home_node
+from service.storage.embedded import read_pidfile
+from tests.helpers.redis_server import wait_gone
 from tests.integration.conftest import make_cluster
 
 pytestmark = pytest.mark.slow
@@ -71,7 +78,10 @@ def wait_mirrored(c: LocalCluster, nodes: list[int], timeout: float = 20.0) -> N
 
 def lose_disk(c: LocalCluster, index: int) -> None:
     """kill -9 the node and its Redis, then delete everything it stored (not its log)."""
+    redis_pid = read_pidfile(c.nodes[index].data_dir)
     c.kill(index)
+    # The Redis must be gone, not just signalled: a restart must not find it still serving.
+    assert redis_pid is not None and wait_gone(redis_pid), "the node's Redis did not die"
     for path in c.nodes[index].data_dir.iterdir():
         if path.name == "node.log":
             continue
@@ -105,6 +115,59 @@ def check_all(c: LocalCluster, written: dict[str, tuple[int, Any]], nodes: list[
                 f"{key} via node{node + 1}: v{body['version']} {body['value']} "
                 f"instead of v{version} {value}"
             )
+
+
+def health(c: LocalCluster, node: int) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError, ValueError):
+        status, body = http_json("GET", f"{c.nodes[node].url}/health", timeout=2)
+        if status == 200:
+            return dict(body)
+    return None
+
+
+def test_a_raft_leader_that_lost_its_disk_rejoins_and_nothing_is_lost(
+    cluster: LocalCluster,
+) -> None:
+    leader = cluster.wait_for_leader(30)
+    written: dict[str, str] = {}
+    for i in range(30):
+        key, value = f"k{i}", f"v{i}"
+        status, body = http_json(
+            "PUT", f"{cluster.nodes[i % 3].url}/v1/kv/{key}", {"value": value}, timeout=10
+        )
+        assert status == 200, body
+        written[key] = value
+    lose_disk(cluster, leader)
+    cluster.start(leader)
+    deadline = time.monotonic() + 40
+    view = None
+    while time.monotonic() < deadline:
+        view = health(cluster, leader)
+        if view is not None and view.get("rejoining") is False and view["applied_index"] >= 31:
+            break
+        time.sleep(0.2)
+    assert view is not None and view.get("rejoining") is False, view
+    node_log = cluster.nodes[leader].log_path
+    assert node_log is not None
+    for _ in range(50):  # the marker is deleted (and that logged) within 0.2 s
+        text = node_log.read_text(errors="replace")
+        if "caught up after lost storage" in text:
+            break
+        time.sleep(0.1)
+    assert "Raft storage was lost: rejoining" in text and "caught up after lost storage" in text
+    for key, value in written.items():
+        status, body = http_json("GET", f"{cluster.nodes[leader].url}/v1/kv/{key}", timeout=10)
+        assert (status, body.get("value")) == (200, value), f"{key}: {status} {body}"
+    # It votes again: with it, either other node can be lost and a leader is elected.
+    other = (leader + 1) % 3
+    cluster.kill(other)
+    new_leader = cluster.wait_for_leader(30)
+    assert new_leader != other
+    status, body = http_json(
+        "PUT", f"{cluster.nodes[leader].url}/v1/kv/after", {"value": "x"}, timeout=10
+    )
+    assert status == 200, body
+    cluster.start(other)
 
 
 def test_a_node_that_lost_its_disk_gets_its_cache_back(cluster: LocalCluster) -> None:
@@ -155,3 +218,63 @@ def test_a_first_start_does_not_wait_for_a_missing_node(tmp_path: Path) -> None:
     finally:
         c.stop(timeout=10)
         c.kill_all()
+
+
+def drain(c: LocalCluster, queue: str, expected: set[str], timeout: float = 60.0) -> set[str]:
+    delivered: set[str] = set()
+    deadline = time.monotonic() + timeout
+    node = 0
+    while time.monotonic() < deadline and not expected <= delivered:
+        node = (node + 1) % c.size
+        try:
+            status, reply = http_json(
+                "POST", f"{c.nodes[node].url}/v1/queues/{queue}/consume",
+                {"consumer": "drain", "max": 200, "wait_ms": 300, "visibility_ms": 60_000},
+                timeout=5,
+            )  # fmt: skip
+        except (OSError, ValueError):
+            continue
+        if status != 200:
+            time.sleep(0.1)
+            continue
+        messages = reply["messages"]
+        delivered |= {m["id"] for m in messages}
+        if messages:
+            with contextlib.suppress(OSError, ValueError):
+                http_json(
+                    "POST", f"{c.nodes[node].url}/v1/queues/{queue}/ack",
+                    {"receipts": [m["receipt"] for m in messages]}, timeout=5,
+                )  # fmt: skip
+    return delivered
+
+
+def test_queue_messages_survive_a_lost_disk(cluster: LocalCluster) -> None:
+    cluster.wait_for_leader(30)
+    status, reply = http_json(
+        "PUT", f"{cluster.nodes[0].url}/v1/queues/lost", {"partitions": 8}, timeout=10
+    )
+    assert status == 201, reply
+    acked: set[str] = set()
+    for i in range(120):
+        body = {"body": {"n": i}, "id": f"m{i}"}
+        status, reply = http_json(
+            "POST", f"{cluster.nodes[i % 3].url}/v1/queues/lost/messages", body, timeout=10
+        )
+        assert status == 201, reply
+        acked.add(f"m{i}")
+    _, view = http_json("GET", f"{cluster.nodes[0].url}/v1/queues/lost", timeout=10)
+    victim = 0
+    lose_disk(cluster, victim)
+    cluster.start(victim)
+    cluster.wait_for_leader(30)
+    delivered = drain(cluster, "lost", acked)
+    lost = sorted(acked - delivered)
+    assert not lost, f"{len(lost)} acknowledged publishes lost, e.g. {lost[:5]}; before: {view}"
+    # The node caught up from the partition leaders and is in sync everywhere again.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        _, view = http_json("GET", f"{cluster.nodes[1].url}/v1/queues/lost", timeout=10)
+        if all(len(p["isr"]) == 3 for p in view["partitions"]):
+            break
+        time.sleep(0.3)
+    assert all(len(p["isr"]) == 3 for p in view["partitions"]), view["partitions"]
