@@ -2,7 +2,7 @@
 
 cluster up --nodes N     run a local N-node cluster in the foreground (Ctrl-C stops it;
                          data stays in ./data, so running it again resumes)
-drill failover|restart-all   (see service/drills.py)
+drill failover|restart-all|disk-loss   (see service/drills.py)
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--base-port", type=int, default=8001)
     up.add_argument("--data", type=Path, default=Path("data"))
     drill = sub.add_parser("drill", help="failure drills against a fresh local cluster")
-    drill.add_argument("scenario", choices=["failover", "restart-all"])
+    drill.add_argument("scenario", choices=["failover", "restart-all", "disk-loss"])
     drill.add_argument("--nodes", type=int, default=3)
     drill.add_argument("--base-port", type=int, default=8101)
     drill.add_argument("--clients", type=int, default=16)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -107,6 +108,21 @@ class LocalCluster:
             _kill_pid(redis_pid, signal.SIGKILL)
         if node.process is not None:
             node.process.wait(timeout=10)
+
+    def lose_disk(self, index: int) -> None:
+        """kill -9 the node and its Redis, then delete everything it stored (its log file
+        stays): a disk lost for good. `start(index)` brings it back empty."""
+        self.kill(index)
+        node = self.nodes[index]
+        if not node.data_dir.exists():
+            return
+        for path in node.data_dir.iterdir():
+            if node.log_path is not None and path == node.log_path:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     def kill_all(self) -> None:
         for i in range(self.size):

@@ -1,4 +1,4 @@
-"""Failure drills: `python -m service drill failover|restart-all`.
+"""Failure drills: `python -m service drill failover|restart-all|disk-loss`.
 
 Each drill starts a fresh local cluster (real node processes, each with its own
 redis-server, on 127.0.0.1), runs a closed-loop lock load against every node and crashes
@@ -8,6 +8,9 @@ the cluster mid-run:
                and grant locks again (target: within 1 s).
 - restart-all  kill -9 every node and its Redis, then start them all again over the
                data they left behind.
+- disk-loss    kill -9 the leader and its Redis, delete its data directory, and start it
+               again empty: the survivors elect a leader and grant locks; the node
+               rejoins (service/raft/rejoin.py) and the drill reports when it caught up.
 
 Every acknowledged grant is recorded (name, owner, token, when it was acknowledged), and
 afterwards the drill checks that none went missing:
@@ -80,6 +83,10 @@ VERIFIER_OWNER = "drill-verifier"
 PRE_KILL_SHARE = 0.5
 
 
+SCENARIOS = ("failover", "restart-all", "disk-loss")
+REJOIN_TIMEOUT = 30.0
+
+
 def run_drill(args: argparse.Namespace) -> int:
     """Run the drill named by args.scenario; print the figures; 0 when nothing was lost."""
     scenario: str = args.scenario
@@ -87,10 +94,10 @@ def run_drill(args: argparse.Namespace) -> int:
     clients: int = args.clients
     seconds: float = args.seconds
     base_port: int = args.base_port
-    if scenario not in ("failover", "restart-all"):
+    if scenario not in SCENARIOS:
         return _usage(f"unknown scenario {scenario!r}")
-    if scenario == "failover" and not 3 <= nodes <= 9:
-        return _usage("failover needs 3 to 9 nodes (a majority must survive the kill)")
+    if scenario in ("failover", "disk-loss") and not 3 <= nodes <= 9:
+        return _usage(f"{scenario} needs 3 to 9 nodes (a majority must survive the kill)")
     if not 1 <= nodes <= 9:
         return _usage("--nodes must be 1 to 9")
     if not 1 <= clients <= 1024:
@@ -236,6 +243,7 @@ class _Drill:
         self.stop = asyncio.Event()
         self.kill_at: float | None = None
         self.dead_at = 0.0  # when every killed process was gone
+        self.victim: int | None = None  # disk-loss: the node started again empty
         # The first acquire sent after dead_at (so only the recovered cluster could grant
         # it) that was granted: locks are served again.
         self.recovered: Grant | None = None
@@ -401,6 +409,23 @@ class _Drill:
             await asyncio.sleep(LEADER_POLL_SECONDS)
         return None
 
+    async def report_rejoin(self, victim: int, kill_at: float) -> bool:
+        """disk-loss: the emptied node must catch up (and vote again) in time."""
+        deadline = time.monotonic() + REJOIN_TIMEOUT
+        while time.monotonic() < deadline:
+            view = await self.health(victim)
+            if view is not None and view[0].get("rejoining") is False and view[0]["leader"]:
+                body, answered = view
+                _say(
+                    f"rejoined: {self.cluster.nodes[victim].node_id} caught up (log at "
+                    f"{body.get('last_log_index')}, voting again) {answered - kill_at:.3f} s "
+                    "after the kill"
+                )
+                return True
+            await asyncio.sleep(LEADER_POLL_SECONDS)
+        _say(f"rejoined: not within {REJOIN_TIMEOUT:.0f} s")
+        return False
+
     async def crash(self) -> tuple[list[int], int, str]:
         """Kill as the scenario says; (nodes that will answer afterwards, old term, what
         was done)."""
@@ -419,6 +444,19 @@ class _Drill:
                 survivors,
                 old_term,
                 f"kill -9 {leader_id} (leader, term {old_term}) and its redis-server",
+            )
+        if self.scenario == "disk-loss":
+            self.kill_at = time.monotonic()
+            await asyncio.to_thread(self.cluster.lose_disk, leader)
+            self.dead_at = time.monotonic()
+            await asyncio.to_thread(self.cluster.start, leader)
+            self.victim = leader
+            survivors = [i for i in range(self.cluster.size) if i != leader]
+            return (
+                survivors,
+                old_term,
+                f"kill -9 {leader_id} (leader, term {old_term}) and its redis-server, "
+                "delete its data directory, start it again empty",
             )
         self.kill_at = time.monotonic()
         for node in self.cluster.nodes:  # every node at once, as a power cut would
@@ -463,11 +501,14 @@ class _Drill:
         post = max(0.25, self.seconds - pre)
         recovered: Grant | None = None
         leader_seen: tuple[float, str, int] | None = None
+        rejoin: asyncio.Task[bool] | None = None
         stop_at = self.t0 + pre
         try:
             await asyncio.sleep(pre)
             survivors, old_term, what = await self.crash()
             assert self.kill_at is not None
+            if self.victim is not None:  # watch it catch up while the load runs
+                rejoin = asyncio.create_task(self.report_rejoin(self.victim, self.kill_at))
             _say(
                 f"t={self.kill_at - self.t0:.2f} s: {what} (all gone "
                 f"{(self.dead_at - self.kill_at) * 1000:.0f} ms later)"
@@ -508,13 +549,15 @@ class _Drill:
             _say(
                 f"recovery: locks granted again {recovered.acked_at - kill_at:.3f} s after "
                 "the kill (first acquire sent after the killed processes were gone to be "
-                "granted" + ("; target 1 s)" if self.scenario == "failover" else ")")
+                "granted" + ("; target 1 s)" if self.scenario != "restart-all" else ")")
             )
         else:
             _say(f"recovery: no lock granted within {RECOVERY_TIMEOUT:.0f} s of the kill")
 
         self.report_throughput(kill_at, recovered, stop_at)
         ok = recovered is not None
+        if rejoin is not None:
+            ok = await rejoin and ok
         ok = await self.verify(sentinels, stop_at) and ok
         _say("result: PASS" if ok else "result: FAIL")
         return ok

@@ -15,7 +15,6 @@ one node missing must not wait for it (only a node that had started before resto
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,6 @@ import pytest
 
 from service.cluster import LocalCluster, http_json
 from service.placement import home_node
-from service.storage.embedded import read_pidfile
-from tests.helpers.redis_server import wait_gone
 from tests.integration.conftest import make_cluster
 
 pytestmark = pytest.mark.slow
@@ -76,21 +73,6 @@ def wait_mirrored(c: LocalCluster, nodes: list[int], timeout: float = 20.0) -> N
     raise AssertionError("the mirrors did not get in step")
 
 
-def lose_disk(c: LocalCluster, index: int) -> None:
-    """kill -9 the node and its Redis, then delete everything it stored (not its log)."""
-    redis_pid = read_pidfile(c.nodes[index].data_dir)
-    c.kill(index)
-    # The Redis must be gone, not just signalled: a restart must not find it still serving.
-    assert redis_pid is not None and wait_gone(redis_pid), "the node's Redis did not die"
-    for path in c.nodes[index].data_dir.iterdir():
-        if path.name == "node.log":
-            continue
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
 def write_all(c: LocalCluster, keys: list[str], rounds: int) -> dict[str, tuple[int, Any]]:
     """Write every key through varying nodes (owners on every node), read some through
     others (shared copies); return key -> (version, value) last acknowledged."""
@@ -137,7 +119,7 @@ def test_a_raft_leader_that_lost_its_disk_rejoins_and_nothing_is_lost(
         )
         assert status == 200, body
         written[key] = value
-    lose_disk(cluster, leader)
+    cluster.lose_disk(leader)
     cluster.start(leader)
     deadline = time.monotonic() + 40
     view = None
@@ -179,7 +161,7 @@ def test_a_node_that_lost_its_disk_gets_its_cache_back(cluster: LocalCluster) ->
     written = write_all(cluster, keys, rounds=2)
     wait_mirrored(cluster, [0, 1, 2])
 
-    lose_disk(cluster, 0)
+    cluster.lose_disk(0)
     cluster.start(0)
     wait_ready(cluster, [0, 1, 2])
     view = describe(cluster, 0)
@@ -264,7 +246,7 @@ def test_queue_messages_survive_a_lost_disk(cluster: LocalCluster) -> None:
         acked.add(f"m{i}")
     _, view = http_json("GET", f"{cluster.nodes[0].url}/v1/queues/lost", timeout=10)
     victim = 0
-    lose_disk(cluster, victim)
+    cluster.lose_disk(victim)
     cluster.start(victim)
     cluster.wait_for_leader(30)
     delivered = drain(cluster, "lost", acked)

@@ -88,6 +88,24 @@ def test_failover_drill_loses_no_acknowledged_grant(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_disk_loss_drill_loses_nothing_and_the_node_rejoins(tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "service", "drill", "disk-loss", "--clients", "8",
+        "--seconds", "3", "--base-port", str(free_base_port(3)),
+        "--data", str(tmp_path / "drill"),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    print(done.stdout)
+    print(done.stderr[-3000:])
+    assert done.returncode == 0, "the drill reported a loss, did not recover or rejoin"
+    assert "delete its data directory" in done.stdout
+    assert "acknowledged grants lost: 0" in done.stdout
+    assert "overlapping holders: 0" in done.stdout
+    rejoined = re.search(r"rejoined: \S+ caught up \(log at (\d+),", done.stdout)
+    assert rejoined is not None and int(rejoined.group(1)) > 0
+
+
+@pytest.mark.slow
 def test_lock_bench_reports_throughput(cluster: LocalCluster) -> None:
     cluster.wait_for_leader(30)
     urls = ",".join(node.url for node in cluster.nodes)
