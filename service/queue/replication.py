@@ -113,11 +113,15 @@ class ReplicationMixin(QueueServiceBase):
                 continue  # stale epoch / unknown queue: metadata will catch up
             elif replica.agrees(seq, stamp):
                 # Where the follower really is: it may be behind what it acked before
-                # (its storage was lost), and then catches up from there.
+                # (its storage was lost), and then catches up from there; until it has,
+                # it must not count as caught up because it once was.
+                if seq < replica.follower_acked.get(peer, -1):
+                    replica.follower_caught_up_at.pop(peer, None)
                 replica.follower_acked[peer] = seq
             else:
                 # Diverged or too far behind: the next round sends the whole state.
                 replica.follower_acked[peer] = -1
+                replica.follower_caught_up_at.pop(peer, None)
 
     # --- replication: follower side ----------------------------------------------------
 

@@ -73,3 +73,33 @@ async def test_an_older_epoch_is_refused() -> None:
         "queue": "q", "partition": 0, "epoch": 1, "leader": "n2", "isr": ["n1", "n2"]}))
     [reply] = await service.handle_replicate("n1", [item(prev=[0, 0], ops=[])])
     assert reply == {"ok": False, "error": "stale_epoch"}
+
+
+# --- the leader side: a follower that went back (its storage was lost) ------------------
+
+
+def leader() -> QueueService:
+    service = QueueService("n1", NodeMetrics("n1"), MemoryPartitionStore())
+    result = service.meta.apply(1, Command("queue.create", {
+        "queue": "q", "partitions": 1, "replicas": 2, "max_length": 100,
+        "delivery_limit": 5, "placement": [["n1", "n2"]],
+    }))
+    assert result["status"] == "created", result
+    return service
+
+
+async def test_a_follower_that_went_back_is_followed_from_where_it_really_is() -> None:
+    service = leader()
+    replica = await service._replica("q", 0)
+    replica.become_leader(1, ("n1", "n2"), 0, 77)
+    replica.apply_local([Publish(1, "a", None, "1"), Publish(2, "b", None, "2")])
+    replica.follower_ack("n2", replica.position.seq)  # it held all, before it lost them
+    replica.follower_caught_up_at["n2"] = 123.0
+    probe = {"q": "q", "p": 0, "epoch": 1, "upto": replica.position.seq}
+    service._replication_replies("n2", [probe], [{"ok": False, "seq": 0, "stamp": 0}])
+    assert replica.follower_acked["n2"] == 0
+    assert "n2" not in replica.follower_caught_up_at  # not "caught up" because it once was
+    items, _ = service._replication_items("n2")
+    # Everything again, from the start (before the fix: nothing, as if it still held it).
+    assert [len(i.get("ops", [])) for i in items] == [replica.position.seq]
+    assert items[0]["prev"][0] == 0
