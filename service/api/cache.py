@@ -19,7 +19,7 @@ from aiohttp import web
 from service.api.calls import peer_call
 from service.api.errors import ApiError, bad_request
 from service.api.forwarding import NODE_KEY
-from service.api.http import read_json
+from service.api.http import read_internal_body, read_json
 from service.cache import wire
 from service.cache.messages import ReadDone
 from service.cache.mirror_store import MirrorUpdate, decode_position
@@ -155,7 +155,9 @@ async def _internal_body(request: web.Request) -> tuple[CacheService, dict[str, 
     if cache is None or not cache.ready:
         raise ApiError(503, "unavailable", "the cache is starting on this node")
     try:
-        body = msgpack.unpackb(await request.read(), raw=False, strict_map_key=False)
+        body = msgpack.unpackb(
+            await read_internal_body(request), raw=False, strict_map_key=False
+        )
     except ValueError as exc:
         raise bad_request(f"body is not msgpack: {exc}") from exc
     if not isinstance(body, dict):

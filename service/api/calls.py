@@ -41,7 +41,7 @@ from service.api.forwarding import (
     is_idempotent_body,
     wait_seconds,
 )
-from service.api.http import raft_error
+from service.api.http import raft_error, read_internal_body
 from service.raft.core import NotLeader
 from service.transport.calls import CALLS_PATH, CONTENT_TYPE
 from service.transport.forward import ForwardError
@@ -156,7 +156,11 @@ async def serve_calls(request: web.Request) -> web.StreamResponse:
     if node.runner is None:
         return web.Response(status=503, text="node is starting")
     try:
-        batch = msgpack.unpackb(await request.read(), raw=False, strict_map_key=False)
+        raw = await read_internal_body(request)
+    except ApiError as exc:
+        return web.Response(status=exc.status, text=exc.message)
+    try:
+        batch = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     except ValueError as exc:
         return web.Response(status=400, text=f"malformed call batch: {exc}")
     if not isinstance(batch, list) or len(batch) > MAX_CALLS_PER_BATCH:

@@ -23,6 +23,31 @@ METRICS_KEY: web.AppKey[NodeMetrics] = web.AppKey("metrics", NodeMetrics)
 MAX_BODY_KEY: web.AppKey[int] = web.AppKey("max_body", int)
 
 
+# Node-to-node bodies (batched calls, cache messages) carry what clients sent and more: a
+# full image of a node's cache store for its mirror, a queue partition's whole state for
+# a follower that fell behind. They come from authenticated peers, not clients, so they
+# get a cap of their own instead of the clients' MAX_BODY_BYTES.
+INTERNAL_MAX_BODY_BYTES = 512 * 1024 * 1024
+
+
+async def read_internal_body(
+    request: web.Request, limit: int = INTERNAL_MAX_BODY_BYTES
+) -> bytes:
+    """The body of a node-to-node request, read past the API's client_max_size (which
+    request.read() obeys), up to `limit`; 413 beyond."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "too_large", f"internal request body is over {limit} bytes")
+    chunks: list[bytes] = []
+    total = 0
+    # Bounded: every round consumes at least one byte, and the total is capped.
+    while chunk := await request.content.readany():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, "too_large", f"internal request body is over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_json(request: web.Request, *, required: bool = True) -> dict[str, Any]:
     """The request's JSON object; 413 when too large, 400 when not a JSON object."""
     limit = request.app[MAX_BODY_KEY]

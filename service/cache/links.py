@@ -38,6 +38,7 @@ class PeerLink:
         *,
         concurrency: int = 4,
         max_batch: int = 2_000,
+        max_batch_bytes: int = 8 * 1024 * 1024,
         max_age: float = 60.0,
         min_backoff: float = 0.05,
         max_backoff: float = 1.0,
@@ -46,6 +47,7 @@ class PeerLink:
         self._post = post
         self.concurrency = concurrency
         self.max_batch = max_batch
+        self.max_batch_bytes = max_batch_bytes
         self.max_age = max_age
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
@@ -82,7 +84,7 @@ class PeerLink:
                     await asyncio.wait_for(self._wake.wait(), 1.0)
                 continue
             self._expire()
-            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            batch = self._take_batch()
             if not batch:
                 continue
             try:
@@ -108,6 +110,19 @@ class PeerLink:
             self.sent += len(batch)
             for _, message in batch:
                 self._queued.discard(message)
+
+    def _take_batch(self) -> list[tuple[float, Message]]:
+        """Up to max_batch messages and about max_batch_bytes of values (at least one):
+        values are up to 256 KiB each, and one request should stay a few MiB."""
+        batch: list[tuple[float, Message]] = []
+        size = 0
+        while self._queue and len(batch) < self.max_batch:
+            if batch and size >= self.max_batch_bytes:
+                break
+            item = self._queue.popleft()
+            batch.append(item)
+            size += len(getattr(item[1], "data", None) or "") + 64
+        return batch
 
     def __len__(self) -> int:
         return len(self._queue)

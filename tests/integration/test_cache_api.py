@@ -14,9 +14,12 @@ import uuid
 from typing import Any
 from urllib.parse import quote
 
+import msgpack
 import pytest
 import redis
 
+from service.cache import wire
+from service.cache.messages import PutM
 from service.cluster import LocalCluster, http_json
 from tests.integration.conftest import REDIS_PORT_OFFSET
 
@@ -225,3 +228,20 @@ def test_bad_input_is_a_clear_4xx(c: LocalCluster, method: str, key: str, body: 
 def test_malformed_bodies_are_400(c: LocalCluster, raw: bytes, code: str) -> None:
     status, err = raw_request(c, "PUT", "/v1/cache/malformed", raw)
     assert (status, err["error"]["code"]) == (400, code), err
+
+
+def test_internal_requests_are_not_bound_by_the_client_body_limit(c: LocalCluster) -> None:
+    """A batch of protocol messages may carry several 256 KiB values: over the clients'
+    1 MiB limit, it must still be accepted (a 413 would be retried forever)."""
+    big = json.dumps("x" * 250_000)
+    messages = [wire.encode(PutM(new_key(), "node2", 1, 1, big)) for _ in range(8)]
+    body = msgpack.packb({"m": messages}, use_bin_type=True)
+    assert len(body) > 1_500_000
+    request = urllib.request.Request(
+        f"{c.nodes[0].url}/internal/v1/cache/messages", data=body, method="POST",
+        headers={"Content-Type": "application/msgpack", "X-Dsync-From": "node2"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+    status, _ = call(c, 0, "PUT", "/v1/cache/" + new_key(), {"value": "x" * 2_000_000})
+    assert status == 413  # clients keep their limit

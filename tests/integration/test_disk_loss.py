@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -260,3 +261,25 @@ def test_queue_messages_survive_a_lost_disk(cluster: LocalCluster) -> None:
             break
         time.sleep(0.3)
     assert all(len(p["isr"]) == 3 for p in view["partitions"]), view["partitions"]
+
+
+def test_large_values_travel_between_nodes_and_into_the_mirrors(cluster: LocalCluster) -> None:
+    """Internal requests are not bound by the client body limit (1 MiB): a batch of
+    protocol messages with large values, and a full mirror image of a node holding
+    several MiB, must go through (they were refused with 413, and retried forever)."""
+    cluster.wait_for_leader(30)
+    wait_ready(cluster, [0, 1, 2])
+    keys = [k for k in (f"big-{i}" for i in range(60)) if home_node(k, MEMBERS) == "node2"][:8]
+    value = "x" * 200_000
+    with ThreadPoolExecutor(len(keys)) as pool:  # concurrently: one batch to the home
+        results = list(pool.map(lambda k: cache(cluster, 0, "PUT", k, {"value": value}), keys))
+    assert all(status == 200 for status, _ in results), [s for s, _ in results]
+    for key in keys:
+        status, body = cache(cluster, 2, "GET", key)
+        assert status == 200 and body["value"] == value, (key, status)
+    cluster.kill(1)  # node2 comes back and sends its peer a full image of several MiB
+    cluster.start(1)
+    wait_ready(cluster, [0, 1, 2])
+    wait_mirrored(cluster, [0, 1, 2])
+    status, _ = cache(cluster, 1, "PUT", keys[0], {"value": "small"})
+    assert status == 200
