@@ -27,6 +27,13 @@ from service.queue.partition import PartitionState
 from service.queue.replica import PartitionReplica
 from service.queue.store import Position
 
+MAX_REPLICATE_BYTES = 8 * 1024 * 1024
+
+
+def _op_bytes(op: list[Any]) -> int:
+    """About what an encoded op weighs on the wire (its strings dominate)."""
+    return 16 + sum(len(f) for f in op if isinstance(f, str | bytes))
+
 
 class ReplicationMixin(QueueServiceBase):
     # --- replication: leader side ------------------------------------------------------
@@ -65,6 +72,9 @@ class ReplicationMixin(QueueServiceBase):
     def _replication_items(self, peer: str) -> tuple[list[dict[str, Any]], bool]:
         items: list[dict[str, Any]] = []
         more = False
+        # Bytes of op payload one request may carry: a follower far behind on large
+        # messages catches up over several requests of a few MiB, not one of hundreds.
+        budget = MAX_REPLICATE_BYTES
         for (queue, partition), replica in sorted(self.replicas.items()):
             if not replica.leading:
                 continue
@@ -83,12 +93,23 @@ class ReplicationMixin(QueueServiceBase):
                 continue
             if acked >= replica.position.seq:
                 continue
+            if budget <= 0:
+                more = True  # the next request
+                continue
             ops = replica.ops_after(acked, MAX_OPS_PER_ITEM)
             prev_stamp = replica.stamp_at(acked)
             if ops is None or prev_stamp is None:
                 items.append({**base, "replace": replica.state.export(),
                               "seq": replica.position.seq, "stamp": replica.position.stamp})
+                budget = 0  # a whole state: nothing more in this request
                 continue
+            taken = 0
+            for count, shipped in enumerate(ops, 1):
+                taken += _op_bytes(shipped.op)
+                if taken >= budget:
+                    ops = ops[:count]
+                    break
+            budget -= taken
             if acked + len(ops) < replica.position.seq:
                 more = True
             items.append({**base, "prev": [acked, prev_stamp],

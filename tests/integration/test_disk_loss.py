@@ -283,3 +283,35 @@ def test_large_values_travel_between_nodes_and_into_the_mirrors(cluster: LocalCl
     wait_mirrored(cluster, [0, 1, 2])
     status, _ = cache(cluster, 1, "PUT", keys[0], {"value": "small"})
     assert status == 200
+
+
+def test_a_queue_follower_far_behind_on_large_messages_catches_up(
+    cluster: LocalCluster,
+) -> None:
+    """While a node is down, several MiB of messages are published; when it is back,
+    what it missed (ops, or the whole partition state) must reach it although it is over
+    the clients' body limit, and it must get back in sync."""
+    cluster.wait_for_leader(30)
+    status, reply = http_json(
+        "PUT", f"{cluster.nodes[0].url}/v1/queues/big", {"partitions": 1}, timeout=10
+    )
+    assert status == 201, reply
+    cluster.kill(2)
+    payload = "y" * 100_000
+    for i in range(40):
+        status, reply = http_json(
+            "POST", f"{cluster.nodes[i % 2].url}/v1/queues/big/messages",
+            {"body": payload, "id": f"b{i}"}, timeout=15,
+        )  # fmt: skip
+        assert status == 201, reply
+    cluster.start(2)
+    deadline = time.monotonic() + 40
+    isr: list[str] = []
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            _, view = http_json("GET", f"{cluster.nodes[0].url}/v1/queues/big", timeout=10)
+            isr = view["partitions"][0]["isr"]
+            if len(isr) == 3:
+                break
+        time.sleep(0.3)
+    assert len(isr) == 3, f"node3 never got back in sync: ISR {isr}"

@@ -11,6 +11,7 @@ from typing import Any
 
 from service.metrics import NodeMetrics
 from service.queue.ops import Publish, encode_op
+from service.queue.replication import _op_bytes
 from service.queue.service import QueueService
 from service.queue.store import MemoryPartitionStore
 from service.statemachine import Command
@@ -103,3 +104,17 @@ async def test_a_follower_that_went_back_is_followed_from_where_it_really_is() -
     # Everything again, from the start (before the fix: nothing, as if it still held it).
     assert [len(i.get("ops", [])) for i in items] == [replica.position.seq]
     assert items[0]["prev"][0] == 0
+
+
+async def test_a_follower_far_behind_on_large_messages_gets_requests_of_a_few_mib() -> None:
+    service = leader()
+    replica = await service._replica("q", 0)
+    replica.become_leader(1, ("n1", "n2"), 0, 77)
+    body = "z" * 1_000_000
+    replica.apply_local([Publish(i, f"m{i}", None, body) for i in range(1, 31)])
+    replica.follower_ack("n2", 0)
+    items, more = service._replication_items("n2")
+    assert more and len(items) == 1
+    shipped = items[0]["ops"]
+    assert 1 <= len(shipped) < 30
+    assert sum(_op_bytes(op) for _, op in shipped) <= 9 * 1024 * 1024
