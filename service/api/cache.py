@@ -232,7 +232,13 @@ async def _mirror(node: Node, sender: str, body: dict[str, Any]) -> tuple[int, A
             isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in writes.items()
         ):
             raise ValueError("'writes' maps field names to JSON text or null")
-        return 200, await node.cache.mirror_answer(sender, MirrorUpdate(position, writes, base))
+        part, last = body.get("part", 0), body.get("last", True)
+        if isinstance(part, bool) or not isinstance(part, int) or part < 0:
+            raise ValueError("'part' must be a non-negative integer")
+        if not isinstance(last, bool):
+            raise ValueError("'last' must be a boolean")
+        update = MirrorUpdate(position, writes, base, part, last)
+        return 200, await node.cache.mirror_answer(sender, update)
     except (CacheError, KeyError, TypeError, ValueError) as exc:
         return _peer_failure(exc)
 

@@ -13,11 +13,17 @@ image is applied unless the mirror already holds a newer position (a late, slow 
 must not move a mirror back). Positions are (incarnation, sequence) of the source node:
 its incarnation grows at every start, its sequence at every persist.
 
+A full image travels in parts of a few MiB (a node's store can hold far more than one
+request should); the parts build a staging copy, and the last one replaces the mirror
+with it in one step, so a mirror is never half old, half new.
+
 Redis layout (readable with redis-cli):
 
     dsync:cache:mirror:<node>   hash  "@position" -> "<incarnation>:<sequence>";
                                       "L:<key>" -> that node's line hash of <key>, as JSON;
                                       "D:<key>" -> the directory entry it homes, as JSON
+    dsync:cache:mirror-staging:<node>  hash  a full image being received: the same
+                                      fields, plus "@part" (the last part received)
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ from service.cache.messages import PersistEntry
 from service.cache.store import Persist, StoredCache
 
 MIRROR_PREFIX = "dsync:cache:mirror:"
+STAGING_PREFIX = "dsync:cache:mirror-staging:"
 POSITION_FIELD = "@position"
+PART_FIELD = "@part"
 LINE_TAG = "L:"
 ENTRY_TAG = "D:"
 
@@ -45,11 +53,14 @@ Position = tuple[int, int]  # (incarnation, sequence) of the source node
 class MirrorUpdate:
     """Hash fields to set (JSON) or delete (None), and the position they lead to.
 
-    `base` None makes it a full image: the mirror becomes exactly `writes`."""
+    `base` None makes it (part `part` of) a full image: once its `last` part is in, the
+    mirror becomes exactly the writes of all its parts."""
 
     position: Position
     writes: Mapping[str, str | None]
     base: Position | None = None
+    part: int = 0
+    last: bool = True
 
     @property
     def full(self) -> bool:
@@ -144,18 +155,40 @@ def _load(raw: str) -> dict[str, str]:
 @dataclass
 class MemoryMirrorStore:
     mirrors: dict[str, tuple[Position, dict[str, str]]] = field(default_factory=dict)
+    # source -> (position, last part received, fields) of a full image coming in
+    staging: dict[str, tuple[Position, int, dict[str, str]]] = field(default_factory=dict)
 
     async def apply(self, source: str, update: MirrorUpdate) -> Applied:
         held = self.mirrors.get(source)
         current = held[0] if held else None
-        if not fits(update, current):
+        if update.full:
+            return self._apply_part(source, update, current)
+        if not fits(update, current) or held is None:
             return Applied(False, current)
-        fields = {} if update.full or held is None else dict(held[1])
+        fields = dict(held[1])
         for name, value in update.writes.items():
             if value is None:
                 fields.pop(name, None)
             else:
                 fields[name] = value
+        self.mirrors[source] = (update.position, fields)
+        return Applied(True, update.position)
+
+    def _apply_part(self, source: str, update: MirrorUpdate, current: Position | None) -> Applied:
+        if update.part == 0:
+            if not fits(update, current):
+                return Applied(False, current)
+            fields: dict[str, str] = {}
+        else:
+            staged = self.staging.get(source)
+            if staged is None or staged[:2] != (update.position, update.part - 1):
+                return Applied(False, current)  # a part went missing: start over
+            fields = staged[2]
+        fields.update((k, v) for k, v in update.writes.items() if v is not None)
+        if not update.last:
+            self.staging[source] = (update.position, update.part, fields)
+            return Applied(True, current)
+        self.staging.pop(source, None)
         self.mirrors[source] = (update.position, fields)
         return Applied(True, update.position)
 
@@ -185,6 +218,8 @@ class RedisMirrorStore:
             else:
                 current = decode_position(await self._redis.hget(name, POSITION_FIELD))
                 self._positions[source] = current
+            if update.full:
+                return await self._apply_part(source, update, current)
             if not fits(update, current):
                 return Applied(False, current)
             sets = {k: v for k, v in update.writes.items() if v is not None}
@@ -193,14 +228,43 @@ class RedisMirrorStore:
             # Whatever happens to the MULTI, the position is read again next time.
             del self._positions[source]
             async with self._redis.pipeline(transaction=True) as pipe:
-                if update.full:
-                    pipe.delete(name)
-                elif deletes:
+                if deletes:
                     pipe.hdel(name, *deletes)
                 pipe.hset(name, mapping=sets)  # type: ignore[arg-type]
                 await pipe.execute()
             self._positions[source] = update.position
             return Applied(True, update.position)
+
+    async def _apply_part(
+        self, source: str, update: MirrorUpdate, current: Position | None
+    ) -> Applied:
+        name, staging = MIRROR_PREFIX + source, STAGING_PREFIX + source
+        if update.part == 0:
+            if not fits(update, current):
+                return Applied(False, current)
+        else:
+            at, part = await self._redis.hmget(staging, [POSITION_FIELD, PART_FIELD])
+            if decode_position(at) != update.position or part is None or (
+                int(part) != update.part - 1
+            ):
+                return Applied(False, current)  # a part went missing: start over
+        sets = {k: v for k, v in update.writes.items() if v is not None}
+        sets[POSITION_FIELD] = encode_position(update.position)
+        sets[PART_FIELD] = str(update.part)
+        del self._positions[source]
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if update.part == 0:
+                pipe.delete(staging)
+            pipe.hset(staging, mapping=sets)  # type: ignore[arg-type]
+            if update.last:
+                pipe.hdel(staging, PART_FIELD)
+                pipe.rename(staging, name)  # the whole image at once
+            await pipe.execute()
+        if not update.last:
+            self._positions[source] = current
+            return Applied(True, current)
+        self._positions[source] = update.position
+        return Applied(True, update.position)
 
     async def image(self, source: str) -> MirrorImage | None:
         raw = await self._redis.hgetall(MIRROR_PREFIX + source)

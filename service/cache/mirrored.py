@@ -52,6 +52,7 @@ Register = Callable[[], Awaitable[bool]]  # True: this node's cache had started 
 MIRROR_TIMEOUT_SECONDS = 3.0
 HEDGE_SECONDS = 0.3  # no answer from the active mirrors this long: bring in another peer
 RETIRE_AFTER_SECONDS = 10.0  # the preferred peer in step this long: back to one mirror
+IMAGE_PART_BYTES = 4 * 1024 * 1024  # a full image travels in requests of about this
 RETRY_MIN_SECONDS = 0.1
 RETRY_MAX_SECONDS = 2.0
 
@@ -152,7 +153,13 @@ class _Channel:
             ok = False
         else:
             self.full_images += 1
-            ok = await self._send(MirrorUpdate(position, image_of(stored)))
+            parts = image_parts(image_of(stored), IMAGE_PART_BYTES)
+            ok = True
+            for index, part in enumerate(parts):
+                last = index == len(parts) - 1
+                ok = await self._send(MirrorUpdate(position, part, None, index, last))
+                if not ok:
+                    break
         _settle(covered, ok)
         if not self.active:
             return True  # retired meanwhile: nothing more to do
@@ -175,6 +182,19 @@ class _Channel:
                 extra={"peer": self.peer, "mirror_at": reply.position, "base": update.base},
             )
         return reply.applied
+
+
+def image_parts(fields: dict[str, str], part_bytes: int) -> list[dict[str, str | None]]:
+    """A full image in parts of about `part_bytes` (at least one part, maybe empty)."""
+    parts: list[dict[str, str | None]] = [{}]
+    size = 0
+    for name, value in fields.items():
+        if size >= part_bytes:
+            parts.append({})
+            size = 0
+        parts[-1][name] = value
+        size += len(name) + len(value)
+    return parts
 
 
 def preference(node_id: str, peers: Sequence[str]) -> tuple[str, ...]:

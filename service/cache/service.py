@@ -443,6 +443,8 @@ class CacheService:
             "position": encode_position(update.position),
             "base": None if update.base is None else encode_position(update.base),
             "writes": dict(update.writes),
+            "part": update.part,
+            "last": update.last,
         }
         status, body = await self._peer_call(peer, "cache.mirror", args, "mirror")
         if status != 200 or not isinstance(body, dict):

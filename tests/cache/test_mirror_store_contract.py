@@ -158,3 +158,48 @@ async def test_concurrent_copies_of_one_update_apply_once(backend: Backend) -> N
     results = await asyncio.gather(*(backend.store.apply("n1", update) for _ in range(5)))
     assert sum(r.applied for r in results) == 1
     assert all(r.position == (1, 1) for r in results)
+
+
+def part(position: tuple[int, int], index: int, last: bool, **writes: str) -> MirrorUpdate:
+    return MirrorUpdate(position, writes, None, index, last)
+
+
+async def test_an_image_in_parts_replaces_the_mirror_only_with_its_last_part(
+    backend: Backend,
+) -> None:
+    s = backend.store
+    await s.apply("n1", image((1, 4), old="1"))
+    assert await s.apply("n1", part((2, 0), 0, False, a="1")) == Applied(True, (1, 4))
+    assert await s.apply("n1", part((2, 0), 1, False, b="2")) == Applied(True, (1, 4))
+    held = await s.image("n1")
+    assert held is not None and (held.position, dict(held.writes)) == ((1, 4), {"old": "1"})
+    assert await s.apply("n1", part((2, 0), 2, True, c="3")) == Applied(True, (2, 0))
+    await backend.reopen()
+    held = await backend.store.image("n1")
+    assert held is not None and held.position == (2, 0)
+    assert dict(held.writes) == {"a": "1", "b": "2", "c": "3"}
+    if backend.redis is not None:  # the staging copy became the mirror: nothing is left
+        assert await backend.redis.exists("dsync:cache:mirror-staging:n1") == 0
+
+
+async def test_an_image_with_a_missing_part_is_refused_until_it_starts_over(
+    backend: Backend,
+) -> None:
+    s = backend.store
+    await s.apply("n1", image((1, 4), old="1"))
+    await s.apply("n1", part((2, 0), 0, False, a="1"))
+    assert await s.apply("n1", part((2, 0), 2, True, c="3")) == Applied(False, (1, 4))
+    assert await s.apply("n1", part((2, 1), 1, True, c="3")) == Applied(False, (1, 4))
+    held = await s.image("n1")
+    assert held is not None and held.position == (1, 4)
+    await s.apply("n1", part((2, 1), 0, False, a="1"))  # a new image from the start
+    assert await s.apply("n1", part((2, 1), 1, True, c="3")) == Applied(True, (2, 1))
+    held = await s.image("n1")
+    assert held is not None and dict(held.writes) == {"a": "1", "c": "3"}
+
+
+async def test_an_older_image_does_not_even_start(backend: Backend) -> None:
+    await backend.store.apply("n1", image((3, 0), a="1"))
+    assert await backend.store.apply("n1", part((2, 9), 0, False, b="2")) == Applied(
+        False, (3, 0)
+    )

@@ -8,6 +8,7 @@ replies and delay them; the seeded test prints its seed when it fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -359,3 +360,25 @@ async def test_acknowledged_writes_survive_disk_loss_under_faults(seed: int) -> 
         got = int(restored[key]["value"])
         # At least the acknowledged value; a newer unacknowledged attempt may be there too.
         assert got >= step and got in attempted[key], f"seed {seed}: {key} {got} < {step}"
+
+
+def test_an_image_is_cut_into_parts_of_about_the_size_asked() -> None:
+    fields = {f"L:k{i}": "v" * 10 for i in range(10)}  # 15 bytes each
+    parts = mirrored.image_parts(fields, 40)
+    assert [len(p) for p in parts] == [3, 3, 3, 1]
+    assert {k: v for p in parts for k, v in p.items()} == fields
+    assert mirrored.image_parts({}, 40) == [{}]
+
+
+async def test_images_in_many_parts_survive_lost_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mirrored, "IMAGE_PART_BYTES", 60)
+    net = Net({"n2": Peer(lose_requests=0.2), "n3": Peer()}, rng=random.Random(5))
+    store = await started(make(net))
+    for i in range(40):
+        with contextlib.suppress(MirrorUnavailable):
+            await store.persist([line(f"k{i}", i)])
+    net.peers["n2"].lose_requests = 0.0
+    await store.persist([line("last", 1)])
+    await settle(store, net)
+    assert store.channels[0].full_images >= 2  # it had to start over, in parts
+    await store.stop()
