@@ -38,6 +38,7 @@ from redis.asyncio import Redis
 
 from service.cache.messages import PersistEntry
 from service.cache.store import Persist, StoredCache
+from service.storage.codec import as_text
 
 MIRROR_PREFIX = "dsync:cache:mirror:"
 STAGING_PREFIX = "dsync:cache:mirror-staging:"
@@ -133,8 +134,7 @@ def encode_position(position: Position) -> str:
 def decode_position(raw: str | bytes | None) -> Position | None:
     if raw is None:
         return None
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    incarnation, _, sequence = text.partition(":")
+    incarnation, _, sequence = as_text(raw).partition(":")
     return int(incarnation), int(sequence)
 
 
@@ -268,13 +268,9 @@ class RedisMirrorStore:
 
     async def image(self, source: str) -> MirrorImage | None:
         raw = await self._redis.hgetall(MIRROR_PREFIX + source)
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {as_text(k): as_text(v) for k, v in raw.items()}
         position = decode_position(fields.pop(POSITION_FIELD, None))
         return None if position is None else MirrorImage(position, fields)
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 __all__ = [

@@ -30,6 +30,7 @@ from typing import Protocol
 from redis.asyncio import Redis
 
 from service.cache.messages import PersistEntry, PersistLine
+from service.storage.codec import as_text
 
 LINE_PREFIX = "dsync:cache:line:"
 DIR_PREFIX = "dsync:cache:dir:"
@@ -184,13 +185,9 @@ class RedisCacheStore:
             for name, fields in zip(chunk, found, strict=True):
                 if not isinstance(fields, dict) or not fields:
                     continue  # gone meanwhile, or not a hash (someone else's key)
-                key = _text(name)[len(prefix) :]
-                out[key] = {_text(f): _text(v) for f, v in fields.items()}
+                key = as_text(name)[len(prefix) :]
+                out[key] = {as_text(f): as_text(v) for f, v in fields.items()}
         return out
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 __all__ = [

@@ -35,6 +35,7 @@ from service.queue.partition import (
     parse_pending_field,
     pending_field,
 )
+from service.storage.codec import as_text
 
 PREFIX = "dsync:q:"
 
@@ -180,12 +181,12 @@ class RedisPartitionStore:
         first = f"{state.trimmed + 1}-0"  # earlier entries may outlive an approximate trim
         for entry_id, fields in _entries(await self._redis.xrange(base, first, "+")):
             f = _text(fields)
-            offset = int(_s(entry_id).split("-", 1)[0])
+            offset = int(as_text(entry_id).split("-", 1)[0])
             state.messages[offset] = Message(offset, f["id"], f.get("key"), f["body"])
         ids = _text(await self._redis.hgetall(base + ":ids"))
         state.ids = dict(sorted(((i, int(o)) for i, o in ids.items()), key=lambda io: io[1]))
         async for raw_key in self._redis.scan_iter(match=_escape(base) + ":g:*", count=500):
-            key = _s(raw_key)
+            key = as_text(raw_key)
             name = key[len(base) + 3 :]
             group_fields = _text(await self._redis.hgetall(key))
             g = Group(int(group_fields.get("next", str(state.trimmed + 1))))
@@ -213,7 +214,7 @@ class RedisPartitionStore:
     async def stored(self) -> list[tuple[str, int]]:
         found: list[tuple[str, int]] = []
         async for raw_key in self._redis.scan_iter(match=PREFIX + "*:meta", count=500):
-            key = _s(raw_key)[len(PREFIX) : -len(":meta")]
+            key = as_text(raw_key)[len(PREFIX) : -len(":meta")]
             queue, _, partition = key.rpartition(":")
             if queue and partition.isdigit():
                 found.append((queue, int(partition)))
@@ -275,12 +276,8 @@ def _entries(raw: Any) -> list[tuple[bytes | str, Mapping[bytes | str, bytes | s
     return list(raw or [])
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _text(fields: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
-    return {_s(k): _s(v) for k, v in fields.items()}
+    return {as_text(k): as_text(v) for k, v in fields.items()}
 
 
 def _escape(text: str) -> str:

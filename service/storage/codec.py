@@ -7,6 +7,11 @@ from collections.abc import Mapping
 from service.raft.messages import Entry, EntryKind, HardState, Snapshot, SnapshotMeta
 
 
+def as_text(raw: bytes | str) -> str:
+    """A Redis reply value as text (clients may be set to decode responses or not)."""
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 def encode_entry(entry: Entry) -> bytes:
     header = f"{entry.index}:{entry.term}:{entry.kind.name.lower()}:".encode()
     return header + entry.data

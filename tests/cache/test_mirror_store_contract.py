@@ -4,7 +4,7 @@ and a real redis-server. Each test reads back through a reopened store."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
@@ -24,16 +24,10 @@ from service.cache.mirror_store import (
 )
 from service.cache.store import StoredCache
 from service.storage.embedded import EmbeddedRedis
-from tests.helpers.redis_server import fresh_redis, redis_connector, redis_server
+from tests.helpers.redis_server import fresh_redis, redis_connector
 
 LINE = {"state": "M", "version": "3", "txn": "7", "value": '{"a":1}'}
 ENTRY = {"state": "S", "owner": "", "sharers": '{"n2":4}', "version": "2", "txn": "4"}
-
-
-@pytest.fixture(scope="module")
-def real_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    with redis_server(tmp_path_factory.mktemp("mirror-redis")) as server:
-        yield server
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,6 @@ from service.storage.embedded import EmbeddedRedis
 from tests.helpers.redis_server import (
     fresh_redis,
     redis_connector,
-    redis_server,
     running_redis,
     wait_gone,
 )
@@ -39,12 +38,6 @@ M_LINE = {"state": "M", "version": "3", "txn": "7", "value": '{"a":1}'}
 I_LINE = {"state": "I", "version": "3", "txn": "8"}
 ENTRY = {"state": "S", "owner": "", "owner_txn": "0", "sharers": '{"n2":4}', "version": "2",
          "txn": "4", "value": '"x"'}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def real_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    with redis_server(tmp_path_factory.mktemp("cache-redis")) as server:
-        yield server
 
 
 @dataclass

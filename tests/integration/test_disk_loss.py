@@ -41,12 +41,17 @@ def cache(c: LocalCluster, node: int, method: str, key: str, body: Any = None) -
         return 0, {}
 
 
-def describe(c: LocalCluster, node: int) -> dict[str, Any] | None:
+def get_view(c: LocalCluster, node: int, path: str) -> dict[str, Any] | None:
+    """GET path's JSON when the node answers 200, else None."""
     with contextlib.suppress(OSError, ValueError):
-        status, body = http_json("GET", f"{c.nodes[node].url}/v1/cache", timeout=2)
+        status, body = http_json("GET", f"{c.nodes[node].url}{path}", timeout=2)
         if status == 200:
             return dict(body)
     return None
+
+
+def describe(c: LocalCluster, node: int) -> dict[str, Any] | None:
+    return get_view(c, node, "/v1/cache")
 
 
 def wait_ready(c: LocalCluster, nodes: list[int], timeout: float = 40.0) -> None:
@@ -101,11 +106,7 @@ def check_all(c: LocalCluster, written: dict[str, tuple[int, Any]], nodes: list[
 
 
 def health(c: LocalCluster, node: int) -> dict[str, Any] | None:
-    with contextlib.suppress(OSError, ValueError):
-        status, body = http_json("GET", f"{c.nodes[node].url}/health", timeout=2)
-        if status == 200:
-            return dict(body)
-    return None
+    return get_view(c, node, "/health")
 
 
 def test_a_raft_leader_that_lost_its_disk_rejoins_and_nothing_is_lost(

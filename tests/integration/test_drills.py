@@ -52,25 +52,21 @@ def test_history_check_finds_overlaps_and_token_regressions() -> None:
 
 
 @pytest.mark.slow
-def test_failover_drill_loses_no_acknowledged_grant(tmp_path: Path) -> None:
+def run_drill(tmp_path: Path, scenario: str) -> subprocess.CompletedProcess[str]:
+    """`python -m service drill <scenario>` with 8 clients for 3 s; its output printed."""
     command = [
-        sys.executable,
-        "-m",
-        "service",
-        "drill",
-        "failover",
-        "--clients",
-        "8",
-        "--seconds",
-        "3",
-        "--base-port",
-        str(free_base_port(3)),
-        "--data",
-        str(tmp_path / "drill"),
-    ]
+        sys.executable, "-m", "service", "drill", scenario, "--clients", "8",
+        "--seconds", "3", "--base-port", str(free_base_port(3)),
+        "--data", str(tmp_path / "drill"),
+    ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     print(done.stdout)
     print(done.stderr[-3000:])
+    return done
+
+
+def test_failover_drill_loses_no_acknowledged_grant(tmp_path: Path) -> None:
+    done = run_drill(tmp_path, "failover")
     assert done.returncode == 0, "the drill reported a loss or did not recover"
     assert "acknowledged grants lost: 0" in done.stdout
     assert "overlapping holders: 0" in done.stdout
@@ -89,14 +85,7 @@ def test_failover_drill_loses_no_acknowledged_grant(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_disk_loss_drill_loses_nothing_and_the_node_rejoins(tmp_path: Path) -> None:
-    command = [
-        sys.executable, "-m", "service", "drill", "disk-loss", "--clients", "8",
-        "--seconds", "3", "--base-port", str(free_base_port(3)),
-        "--data", str(tmp_path / "drill"),
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-    print(done.stdout)
-    print(done.stderr[-3000:])
+    done = run_drill(tmp_path, "disk-loss")
     assert done.returncode == 0, "the drill reported a loss, did not recover or rejoin"
     assert "delete its data directory" in done.stdout
     assert "acknowledged grants lost: 0" in done.stdout

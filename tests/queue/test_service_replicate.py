@@ -17,14 +17,19 @@ from service.queue.store import MemoryPartitionStore
 from service.statemachine import Command
 
 
-def follower() -> QueueService:
-    service = QueueService("n2", NodeMetrics("n2"), MemoryPartitionStore())
+def service_on(node: str) -> QueueService:
+    """Node `node` with queue q: one partition on n1 (its leader) and n2."""
+    service = QueueService(node, NodeMetrics(node), MemoryPartitionStore())
     result = service.meta.apply(1, Command("queue.create", {
         "queue": "q", "partitions": 1, "replicas": 2, "max_length": 100,
         "delivery_limit": 5, "placement": [["n1", "n2"]],
     }))
     assert result["status"] == "created", result
     return service
+
+
+def follower() -> QueueService:
+    return service_on("n2")
 
 
 def item(**fields: Any) -> dict[str, Any]:
@@ -80,13 +85,7 @@ async def test_an_older_epoch_is_refused() -> None:
 
 
 def leader() -> QueueService:
-    service = QueueService("n1", NodeMetrics("n1"), MemoryPartitionStore())
-    result = service.meta.apply(1, Command("queue.create", {
-        "queue": "q", "partitions": 1, "replicas": 2, "max_length": 100,
-        "delivery_limit": 5, "placement": [["n1", "n2"]],
-    }))
-    assert result["status"] == "created", result
-    return service
+    return service_on("n1")
 
 
 async def test_a_follower_that_went_back_is_followed_from_where_it_really_is() -> None:
