@@ -51,8 +51,21 @@ async def run_node(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    # A start can wait a long time (Redis coming up; a node that lost its storage waits
+    # for every peer): a signal meanwhile stops it instead of being ignored until then.
+    starting = asyncio.ensure_future(node.start(create_app))
+    stop_wait = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        log.info("stopped while starting")
+        await node.stop()
+        return 0
+    stop_wait.cancel()
     try:
-        await node.start(create_app)
+        starting.result()
     except StartupError as exc:
         print(f"dsync: {settings.node_id}: {exc}", file=sys.stderr)
         await node.stop()

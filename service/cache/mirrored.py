@@ -46,7 +46,7 @@ from service.cache.store import LocalCacheStore, Persist, StoredCache
 log = logging.getLogger("dsync.cache")
 
 Send = Callable[[str, MirrorUpdate], Awaitable[Applied]]  # raises when unreachable
-Fetch = Callable[[str], Awaitable[MirrorImage | None]]  # raises when unreachable
+Fetch = Callable[[str], Awaitable[MirrorImage | None]]  # raises when unreachable; bounded
 Register = Callable[[], Awaitable[bool]]  # True: this node's cache had started before
 
 MIRROR_TIMEOUT_SECONDS = 3.0
@@ -324,9 +324,9 @@ class MirroredCacheStore:
         return self.incarnation
 
     async def _newest_image(self) -> MirrorImage | None:
+        # The fetch bounds its own wait (a whole mirror may take a while to travel).
         answers = await asyncio.gather(
-            *(asyncio.wait_for(self._fetch(p), MIRROR_TIMEOUT_SECONDS) for p in self.peers),
-            return_exceptions=True,
+            *(self._fetch(p) for p in self.peers), return_exceptions=True
         )
         silent = [
             p for p, a in zip(self.peers, answers, strict=True) if isinstance(a, BaseException)

@@ -101,6 +101,7 @@ START_ATTEMPTS = 300  # about ten minutes of retries while Redis is unreachable
 REQ_ID_SPACE = 1 << 40  # request ids per incarnation (see RecoveringLineCache.req_base)
 INV_TIMER_TTL_SECONDS = 60.0
 REGISTER_LEADER_WAIT_SECONDS = 5.0
+FETCH_TIMEOUT_SECONDS = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +160,7 @@ class CacheService:
         return [self.starts]
 
     def keep_mirrors(self, local: LocalCacheStore, mirrors: MirrorStore) -> None:
-        """Persist to `local` and to every peer (mirrored.py); keep the peers' copies in
+        """Persist to `local` and to a peer (mirrored.py); keep the peers' copies in
         `mirrors`. Called by the node once its Redis is up, before attach."""
         self.mirrors = mirrors
         self.store = MirroredCacheStore(
@@ -431,12 +432,12 @@ class CacheService:
     # --- mirrors of the cache store (mirrored.py) ---------------------------------------
 
     async def _peer_call(
-        self, peer: str, name: str, args: dict[str, Any], lane: str
+        self, peer: str, name: str, args: dict[str, Any], lane: str, timeout: float | None = None
     ) -> tuple[int, Any]:
         url = self.peer_urls.get(peer)
         if url is None or self.calls is None:
             raise MirrorUnavailable(f"no address for {peer}")
-        return await self.calls.call(url, name, args, lane=lane)
+        return await self.calls.call(url, name, args, lane=lane, timeout=timeout)
 
     async def _send_mirror(self, peer: str, update: MirrorUpdate) -> Applied:
         args = {
@@ -453,7 +454,10 @@ class CacheService:
         return Applied(bool(body.get("applied")), decode_position(at) if at else None)
 
     async def _fetch_mirror(self, peer: str) -> MirrorImage | None:
-        status, body = await self._peer_call(peer, "cache.mirror_image", {}, "mirror")
+        # A whole mirror in one answer (a restore is rare): give it time.
+        status, body = await self._peer_call(
+            peer, "cache.mirror_image", {}, "mirror", timeout=FETCH_TIMEOUT_SECONDS
+        )
         if status != 200 or not isinstance(body, dict):
             raise MirrorUnavailable(f"{peer} answered {status} to a mirror fetch")
         if body.get("position") is None:

@@ -15,6 +15,7 @@ one node missing must not wait for it (only a node that had started before resto
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -316,3 +317,27 @@ def test_a_queue_follower_far_behind_on_large_messages_catches_up(
                 break
         time.sleep(0.3)
     assert len(isr) == 3, f"node3 never got back in sync: ISR {isr}"
+
+
+def test_a_node_that_lost_its_disk_waits_for_every_peer_and_can_be_stopped_meanwhile(
+    cluster: LocalCluster,
+) -> None:
+    """The newest state may be on the peer that is down: the node must not rejoin
+    without it (it would take a term floor, and catch up, from the others only), and a
+    signal while it waits stops it cleanly."""
+    cluster.wait_for_leader(30)
+    status, _ = http_json("PUT", f"{cluster.nodes[0].url}/v1/kv/a", {"value": "1"}, timeout=10)
+    assert status == 200
+    cluster.kill(2)
+    cluster.lose_disk(0)
+    cluster.start(0)
+    time.sleep(3)
+    view = health(cluster, 0)
+    assert view is not None and view["status"] == "starting", view
+    process = cluster.nodes[0].process
+    assert process is not None
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0
+    node_log = cluster.nodes[0].log_path
+    assert node_log is not None
+    assert "Waiting for every peer to answer" in node_log.read_text(errors="replace")
