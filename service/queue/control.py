@@ -156,6 +156,7 @@ class ControlMixin(QueueServiceBase):
         runner = self.runner
         while runner is not None and runner.core.rejoining and not self._stopping:
             await asyncio.sleep(0.1)  # the metadata is complete once Raft caught up
+        alone: set[tuple[str, int]] = set()  # partitions with no other in-sync replica
         while not self._stopping:
             changes: list[tuple[str, dict[str, object]]] = []
             for meta in self.meta.queues():
@@ -169,7 +170,8 @@ class ControlMixin(QueueServiceBase):
                         changes.append(("queue.isr", args))
                     elif others:
                         changes.append(("queue.move", {**args, "leader": others[0]}))
-                    else:
+                    elif (meta.name, index) not in alone:
+                        alone.add((meta.name, index))
                         log.error(
                             "storage lost and no other in-sync replica: the messages "
                             "this partition held only here are gone",
