@@ -207,8 +207,15 @@ class Cluster:
             others = [n.core for n in self.nodes.values() if n is not node]
             # As the node runtime does: only with every peer answering, and one lost disk
             # at a time (a second before the first caught up is two failures at once).
-            # Not in a configuration of two voters either: it tolerates no failure.
-            if all(c is not None and not c.rejoining and len(c.voters) >= 3 for c in others):
+            # Not in a configuration of two voters either (it tolerates no failure), nor
+            # while a membership change is on its way (the nodes disagree on the voters):
+            # a voter in flight out of the configuration is one vote fewer already.
+            configs = {tuple(sorted(c.voters)) for c in others if c is not None}
+            if (
+                all(c is not None and not c.rejoining for c in others)
+                and len(configs) == 1
+                and len(next(iter(configs))) >= 3
+            ):
                 floor = max(c.term for c in others if c is not None)
                 node.disk = Disk(hard_state=HardState(floor, ABSTAIN), rejoining=True)
                 self.checker.on_disk_lost(node.id, node.disk.hard_state)
