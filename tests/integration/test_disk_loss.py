@@ -341,3 +341,31 @@ def test_a_node_that_lost_its_disk_waits_for_every_peer_and_can_be_stopped_meanw
     node_log = cluster.nodes[0].log_path
     assert node_log is not None
     assert "Waiting for every peer to answer" in node_log.read_text(errors="replace")
+
+
+def test_writes_go_on_while_the_mirroring_peer_is_paused(cluster: LocalCluster) -> None:
+    """node1 mirrors to node2. SIGSTOP node2: node1's persists bring node3 in after the
+    hedge delay, so writes homed on node1 keep being acknowledged, slowed by well under
+    a second, and never on one disk only."""
+    cluster.wait_for_leader(30)
+    wait_ready(cluster, [0, 1, 2])
+    keys = [k for k in (f"pause-{i}" for i in range(80)) if home_node(k, MEMBERS) == "node1"]
+    keys = keys[:10]
+    assert len(keys) == 10
+    for key in keys:
+        assert cache(cluster, 0, "PUT", key, {"value": 0})[0] == 200
+    cluster.pause(1)
+    try:
+        slowest = 0.0
+        for round_ in range(1, 4):
+            for key in keys:
+                started = time.monotonic()
+                status, body = cache(cluster, 0, "PUT", key, {"value": round_})
+                slowest = max(slowest, time.monotonic() - started)
+                assert status == 200, (key, status, body)
+        view = describe(cluster, 0)
+        assert view is not None and view["mirrors"]["peers"]["node3"]["active"], view
+        print(f"slowest write while node1's mirror was paused: {slowest:.3f} s")
+        assert slowest < 2.0
+    finally:
+        cluster.resume(1)
