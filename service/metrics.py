@@ -28,6 +28,12 @@ class NodeMetrics:
         )
         self.raft_applied_index = Gauge("dsync_raft_applied_index", "Applied index", n, registry=r)
         self.raft_last_index = Gauge("dsync_raft_last_index", "Last log index", n, registry=r)
+        self.raft_rejoining = Gauge(
+            "dsync_raft_rejoining",
+            "1 while this node, back from lost storage, has not caught up (no vote)",
+            n,
+            registry=r,
+        )
         self.raft_elections = Counter(
             "dsync_raft_elections_total", "Times this node became leader", n, registry=r
         )
@@ -154,6 +160,18 @@ class NodeMetrics:
         )
         self.cache_lines = Gauge(
             "dsync_cache_lines", "Cache lines per MESI state", [*n, "state"], registry=r
+        )
+        self.cache_mirror_in_step = Gauge(
+            "dsync_cache_mirror_in_step",
+            "1 when the peer's mirror of this node's cache store is active and in step",
+            [*n, "peer"],
+            registry=r,
+        )
+        self.cache_mirror_images = Gauge(
+            "dsync_cache_mirror_full_images",
+            "Full images of this node's cache store sent to the peer since start",
+            [*n, "peer"],
+            registry=r,
         )
 
     def set_role(self, role: str) -> None:

@@ -63,6 +63,11 @@ def update_metrics(service: CacheService) -> None:
             service.reported[name] = value
     for state, count in lines.stats(now_ms()).by_state.items():
         m.cache_lines.labels(node, state).set(count)
+    if isinstance(service.store, MirroredCacheStore):
+        for channel in service.store.channels:
+            in_step = channel.active and channel.synced is not None
+            m.cache_mirror_in_step.labels(node, channel.peer).set(1 if in_step else 0)
+            m.cache_mirror_images.labels(node, channel.peer).set(channel.full_images)
 
 
 def totals(views: list[dict[str, Any]]) -> dict[str, Any]:

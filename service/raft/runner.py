@@ -444,6 +444,7 @@ class RaftRunner:
         m.raft_commit_index.labels(core.id).set(core.commit)
         m.raft_applied_index.labels(core.id).set(core.applied)
         m.raft_last_index.labels(core.id).set(core.log.last_index)
+        m.raft_rejoining.labels(core.id).set(1 if core.rejoining else 0)
         current = (core.role, core.term, core.leader)
         if current == self._last_role:
             return

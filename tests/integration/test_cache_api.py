@@ -157,7 +157,8 @@ def test_the_cache_and_metrics_report_hits_states_and_invalidations(c: LocalClus
     for series in ("dsync_cache_hits_total", "dsync_cache_misses_total",
                    "dsync_cache_invalidations_total", "dsync_cache_lines",
                    "dsync_cache_write_backs_total", "dsync_cache_evictions_total",
-                   "dsync_cache_invalidation_seconds"):  # fmt: skip
+                   "dsync_cache_invalidation_seconds", "dsync_cache_mirror_in_step",
+                   "dsync_cache_mirror_full_images"):  # fmt: skip
         assert series in text, series
 
 

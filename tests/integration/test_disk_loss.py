@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,11 @@ def get_view(c: LocalCluster, node: int, path: str) -> dict[str, Any] | None:
         if status == 200:
             return dict(body)
     return None
+
+
+def http_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
 
 
 def describe(c: LocalCluster, node: int) -> dict[str, Any] | None:
@@ -140,6 +146,9 @@ def test_a_raft_leader_that_lost_its_disk_rejoins_and_nothing_is_lost(
             break
         time.sleep(0.1)
     assert "Raft storage was lost: rejoining" in text and "caught up after lost storage" in text
+    victim = cluster.nodes[leader].node_id
+    metrics = http_text(f"{cluster.nodes[leader].url}/metrics")
+    assert f'dsync_raft_rejoining{{node="{victim}"}} 0.0' in metrics
     for key, value in written.items():
         status, body = http_json("GET", f"{cluster.nodes[leader].url}/v1/kv/{key}", timeout=10)
         assert (status, body.get("value")) == (200, value), f"{key}: {status} {body}"
@@ -365,6 +374,8 @@ def test_writes_go_on_while_the_mirroring_peer_is_paused(cluster: LocalCluster) 
                 assert status == 200, (key, status, body)
         view = describe(cluster, 0)
         assert view is not None and view["mirrors"]["peers"]["node3"]["active"], view
+        metrics = http_text(f"{cluster.nodes[0].url}/metrics")
+        assert 'dsync_cache_mirror_in_step{node="node1",peer="node3"} 1.0' in metrics
         print(f"slowest write while node1's mirror was paused: {slowest:.3f} s")
         assert slowest < 2.0
     finally:
