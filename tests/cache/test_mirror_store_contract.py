@@ -42,14 +42,10 @@ async def backend(
     request: pytest.FixtureRequest, real_redis: EmbeddedRedis
 ) -> AsyncIterator[Backend]:
     if request.param == "memory":
-
-        async def same() -> None:
-            return None
-
-        yield Backend(MemoryMirrorStore(), same)
+        yield Backend(MemoryMirrorStore(), _noop)  # the same object is the reopened store
         return
     async with fresh_redis(redis_connector(request.param, real_redis)) as handle:
-        opened = Backend(RedisMirrorStore(handle.client), lambda: _noop(), handle.client)
+        opened = Backend(RedisMirrorStore(handle.client), _noop, handle.client)
 
         async def reopen() -> None:
             opened.redis = await handle.reopen()
