@@ -36,6 +36,7 @@ from service.raft.messages import HardState
 from service.raft.rejoin import REJOIN_KEY, ask_health, term_floor
 from service.raft.runner import RaftRunner, decode_snapshot_data
 from service.statemachine import StateMachine
+from service.storage.client import redis_client
 from service.storage.embedded import EmbeddedRedis
 from service.storage.migrate import migrate
 from service.storage.redis_store import RedisRaftStorage, RedisStateStore
@@ -126,7 +127,7 @@ class Node:
             except Exception as exc:
                 raise StartupError(f"embedded redis-server: {exc}") from exc
             url = self.embedded.url
-        self.redis = aioredis.Redis.from_url(
+        self.redis = redis_client(
             url, socket_timeout=10, socket_connect_timeout=3, health_check_interval=30
         )
         loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import fakeredis
 from redis.asyncio import Redis
 
+from service.storage.client import redis_client
 from service.storage.embedded import EmbeddedRedis
 
 T = TypeVar("T")
@@ -112,7 +113,7 @@ def redis_connector(kind: str, real: EmbeddedRedis) -> Callable[[], Redis]:
         server = fakeredis.FakeServer()
         return lambda: fakeredis.FakeAsyncRedis(server=server)
     if kind == "redis":
-        return lambda: Redis.from_url(real.url)
+        return lambda: redis_client(real.url)  # the node's own client
     raise ValueError(f"no Redis of kind {kind!r}")
 
 
