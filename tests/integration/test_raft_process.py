@@ -109,9 +109,14 @@ def test_leader_kill_and_full_restart_lose_nothing(cluster: LocalCluster) -> Non
             time.sleep(0.02)
         assert view and view.get("status") == "ok", f"node {i} did not come back"
         assert view["term"] >= before[i]["term"]
-        assert view["applied_index"] >= before[i]["applied_index"]
+        # Everything applied before is in the log it loaded. Its applied state in Redis
+        # may be a write behind (written in the background); the entries after it are
+        # applied again once a leader tells the node they are committed.
+        assert view["last_log_index"] >= before[i]["applied_index"]
 
     cluster.wait_for_leader(30)
+    for i in range(3):
+        wait_caught_up(cluster, i, before[i]["applied_index"], timeout=20)
     for n, (key, value) in enumerate(sorted(acked.items())):
         status, body = get(cluster, n % 3, key)
         assert status == 200, (key, status, body)
