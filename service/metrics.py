@@ -84,6 +84,20 @@ class NodeMetrics:
         self.raft_snapshots = Counter(
             "dsync_raft_snapshots_total", "Snapshots taken or installed", [*n, "kind"], registry=r
         )
+        self.raft_snapshot_seconds = Histogram(
+            "dsync_raft_snapshot_seconds",
+            "Time to take one snapshot (dump the state, encode, save, compact the log)",
+            n,
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.event_loop_lag_seconds = Histogram(
+            "dsync_event_loop_lag_seconds",
+            "How late a 100 ms timer fires on the node's event loop (long synchronous steps)",
+            n,
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
         self.http_request_seconds = Histogram(
             "dsync_http_request_seconds",
             "HTTP request latency",

@@ -27,6 +27,7 @@ from service.config import ConfigError, Settings, resolve_peer_ids
 from service.dedup import Deduplicated, DedupTable
 from service.kv.machine import KvStateMachine
 from service.locks.service import LockService
+from service.loop_lag import LoopLagMonitor
 from service.machines import MachineRegistry
 from service.metrics import NodeMetrics
 from service.queue.service import QueueService
@@ -76,9 +77,13 @@ class Node:
     _site_runner: web.AppRunner | None = None
     _rejoin_task: asyncio.Future[None] | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    loop_lag: LoopLagMonitor = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = NodeMetrics(self.settings.node_id)
+        self.loop_lag = LoopLagMonitor(
+            self.metrics.event_loop_lag_seconds.labels(self.settings.node_id)
+        )
 
     @property
     def node_id(self) -> str:
@@ -94,6 +99,7 @@ class Node:
     # --- start ------------------------------------------------------------------
 
     async def start(self, app_factory: Any) -> None:
+        self.loop_lag.start()
         await self._start_redis()
         assert self.redis is not None
         await migrate(self.redis)
@@ -372,6 +378,7 @@ class Node:
             await self.redis.aclose()
         if self.embedded is not None:
             await self.embedded.stop()
+        await self.loop_lag.stop()
         self._stopped.set()
 
 
