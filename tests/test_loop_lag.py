@@ -24,7 +24,7 @@ async def test_a_blocking_step_shows_up_as_lag() -> None:
     monitor.start()
     try:
         await asyncio.sleep(0.1)
-        time.sleep(0.3)  # hold the loop, as a long synchronous dump would
+        time.sleep(0.3)  # noqa: ASYNC251 - holds the loop on purpose, as a long dump would
         await asyncio.sleep(0.1)
     finally:
         await monitor.stop()
