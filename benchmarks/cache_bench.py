@@ -30,13 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
-from benchmarks.common import latency_line, local_cluster, request_json, run  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_http_client_argument,
+    latency_line,
+    local_cluster,
+    run,
+)
+from benchmarks.http_client import JsonClient, open_clients  # noqa: E402
 
 MAX_OPS_PER_CLIENT = 50_000_000
 
@@ -68,6 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base-port", type=int, default=None, help="default: a free one")
     parser.add_argument("--timeout", type=float, default=10.0, help="per request (s)")
     parser.add_argument("--seed", type=int, default=1)
+    add_http_client_argument(parser)
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= 4096:
         parser.error("--clients must be 1 to 4096")
@@ -88,7 +93,7 @@ class Bench:
         self.urls = urls
         self.results = Results()
         self.run_id = uuid.uuid4().hex[:6]
-        self.sessions: list[aiohttp.ClientSession] = []
+        self.clients: list[JsonClient] = []
         self.window = (0.0, 0.0)
 
     def key(self, index: int) -> str:
@@ -102,8 +107,8 @@ class Bench:
         self, node: int, method: str, path: str, body: Any = None
     ) -> tuple[int, dict[str, Any], float]:
         """(status, JSON body, ms); status 0 when there was no answer."""
-        status, parsed, seconds = await request_json(
-            self.sessions[node], method, path, body, self.args.timeout
+        status, parsed, seconds = await self.clients[node].request(
+            method, path, body, self.args.timeout
         )
         return status, parsed, seconds * 1000
 
@@ -163,13 +168,9 @@ class Bench:
                     results.ops_per_node[node] += 1
 
     async def run(self) -> Results:
-        per_node = [0] * len(self.urls)
-        for cid in range(self.args.clients):
-            per_node[cid % len(self.urls)] += 1
-        for url, clients in zip(self.urls, per_node, strict=True):
-            limit = max(1, clients, 32)
-            connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit)
-            self.sessions.append(aiohttp.ClientSession(base_url=url, connector=connector))
+        # One request in flight per closed-loop client; at least 32 for the preload.
+        limit = max(32, -(-self.args.clients // len(self.urls)))
+        self.clients = open_clients(self.args.http_client, self.urls, limit)
         try:
             if not self.args.no_preload:
                 started = time.monotonic()
@@ -185,8 +186,8 @@ class Bench:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            for session in self.sessions:
-                await session.close()
+            for client in self.clients:
+                await client.close()
         return self.results
 
 

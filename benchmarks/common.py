@@ -7,9 +7,9 @@ BENCH_LOG_LEVEL=INFO to keep their full logs (in each node's data directory).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
+from benchmarks.http_client import CLIENT_KINDS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -111,26 +111,11 @@ def local_cluster_handle(nodes: int, base_port: int | None) -> Iterator[LocalClu
         shutil.rmtree(data_root, ignore_errors=True)
 
 
-async def request_json(
-    session: aiohttp.ClientSession, method: str, path: str, body: Any, timeout: float
-) -> tuple[int, dict[str, Any], float]:
-    """(status, JSON object body, seconds); status 0 when there was no answer (a
-    timeout or a connection error, named in the body's error code)."""
-    started = time.perf_counter()
-    try:
-        async with session.request(
-            method, path, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
-        ) as response:
-            raw = await response.read()
-            status = response.status
-    except TimeoutError:
-        return 0, {"error": {"code": "timeout"}}, time.perf_counter() - started
-    except (aiohttp.ClientError, OSError) as exc:
-        code = f"connection ({type(exc).__name__})"
-        return 0, {"error": {"code": code}}, time.perf_counter() - started
-    elapsed = time.perf_counter() - started
-    try:
-        parsed = json.loads(raw) if raw else {}
-    except ValueError:
-        parsed = {}
-    return status, parsed if isinstance(parsed, dict) else {}, elapsed
+def add_http_client_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--http-client",
+        choices=CLIENT_KINDS,
+        default="lean",
+        help="the driver's HTTP client: lean (httptools, least CPU) or aiohttp "
+        "(see benchmarks/http_client.py)",
+    )

@@ -7,8 +7,8 @@
 Without --url it starts its own local cluster (service.cluster.LocalCluster, real node
 processes with their own redis-server, on a free base port on 127.0.0.1, data in a
 temporary directory) and stops it afterwards. Clients are spread over all nodes (client i
-talks to node i mod N), one aiohttp ClientSession per node with a connection pool sized to
-the clients on it.
+talks to node i mod N) over kept-alive connections, one per client (--http-client picks
+the HTTP client; benchmarks/http_client.py).
 
 - uncontended: every client has its own lock name; try-lock (wait_ms 0).
 - contended:   all clients share --names names and wait for them (wait_ms); the acquire
@@ -36,13 +36,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
-from benchmarks.common import Window, latency_line, local_cluster, request_json, run  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Window,
+    add_http_client_argument,
+    latency_line,
+    local_cluster,
+    run,
+)
+from benchmarks.http_client import JsonClient, open_clients  # noqa: E402
 
 MAX_CYCLES_PER_CLIENT = 10_000_000
 MAX_SECONDS = 3600.0
@@ -82,6 +87,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="send every request to the leader (measures what forwarding costs)",
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="per request (s)")
+    add_http_client_argument(parser)
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= 4096:
         parser.error("--clients must be 1 to 4096")
@@ -103,7 +109,7 @@ class Bench:
         self.urls = urls
         self.results = Results()
         self.run_id = uuid.uuid4().hex[:8]
-        self.sessions: list[aiohttp.ClientSession] = []
+        self.clients: list[JsonClient] = []
         self.window = Window(0.0, 0.0)
         self.stop_at = 0.0
 
@@ -111,7 +117,7 @@ class Bench:
         self, node: int, method: str, path: str, body: dict[str, Any], timeout: float
     ) -> tuple[int, dict[str, Any], float]:
         """(status, JSON body, seconds); status 0 when there was no answer."""
-        return await request_json(self.sessions[node], method, path, body, timeout)
+        return await self.clients[node].request(method, path, body, timeout)
 
     def count_error(self, op: str, status: int, body: dict[str, Any]) -> None:
         if time.monotonic() not in self.window:
@@ -170,13 +176,9 @@ class Bench:
                     self.results.cycles_per_node[node] += 1
 
     async def run(self) -> Results:
-        per_node = [0] * len(self.urls)
-        for cid in range(self.args.clients):
-            per_node[cid % len(self.urls)] += 1
-        for url, clients in zip(self.urls, per_node, strict=True):
-            limit = max(1, clients)
-            connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit)
-            self.sessions.append(aiohttp.ClientSession(base_url=url, connector=connector))
+        # Each closed-loop client has one request in flight, on its own node.
+        limit = -(-self.args.clients // len(self.urls))
+        self.clients = open_clients(self.args.http_client, self.urls, limit)
         try:
             now = time.monotonic()
             self.window = Window(now + self.args.warmup, now + self.args.warmup + self.args.seconds)
@@ -189,8 +191,8 @@ class Bench:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            for session in self.sessions:
-                await session.close()
+            for client in self.clients:
+                await client.close()
         return self.results
 
 

@@ -28,13 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
-from benchmarks.common import Window, latency_line, local_cluster_handle, run  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Window,
+    add_http_client_argument,
+    latency_line,
+    local_cluster_handle,
+    run,
+)
+from benchmarks.http_client import JsonClient, open_clients  # noqa: E402
 
 MAX_REQUESTS_PER_CLIENT = 10_000_000
 
@@ -65,6 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", default=None, help="comma-separated node URLs")
     parser.add_argument("--base-port", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=10.0)
+    add_http_client_argument(parser)
     args = parser.parse_args(argv)
     if not (1 <= args.producers <= 1024 and 0 <= args.consumers <= 1024):
         parser.error("--producers must be 1..1024 and --consumers 0..1024")
@@ -83,19 +89,14 @@ class Bench:
         self.urls = urls
         self.queue = f"bench-{uuid.uuid4().hex[:8]}"
         self.results = Results()
-        self.sessions: list[aiohttp.ClientSession] = []
+        self.clients: list[JsonClient] = []
         self.window = Window(0.0, 0.0)
         self.body = "x" * args.body_bytes
         self.killed_at: float | None = None
 
     async def post(self, node: int, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-        try:
-            async with self.sessions[node].post(
-                path, json=body, timeout=aiohttp.ClientTimeout(total=self.args.timeout)
-            ) as response:
-                return response.status, await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            return 0, {"error": {"code": type(exc).__name__}}
+        status, reply, _ = await self.clients[node].request("POST", path, body, self.args.timeout)
+        return status, reply
 
     def error(self, op: str, status: int, reply: Any) -> None:
         if time.monotonic() in self.window:
@@ -160,15 +161,14 @@ class Bench:
         # sized per node would make requests queue for connections in the client, which
         # the report would then blame on the server.
         limit = self.args.producers + self.args.consumers
-        for url in self.urls:
-            connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit)
-            self.sessions.append(aiohttp.ClientSession(base_url=url, connector=connector))
+        self.clients = open_clients(self.args.http_client, self.urls, limit)
         try:
-            async with self.sessions[0].put(
-                f"/v1/queues/{self.queue}", json={"partitions": self.args.partitions}
-            ) as response:
-                if response.status not in (200, 201):
-                    raise RuntimeError(f"creating the queue: {response.status}")
+            status, reply, _ = await self.clients[0].request(
+                "PUT", f"/v1/queues/{self.queue}", {"partitions": self.args.partitions},
+                self.args.timeout,
+            )
+            if status not in (200, 201):
+                raise RuntimeError(f"creating the queue: {status} {reply}")
             now = time.monotonic()
             self.window = Window(now + self.args.warmup,
                                  now + self.args.warmup + self.args.seconds)
@@ -185,8 +185,8 @@ class Bench:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            for session in self.sessions:
-                await session.close()
+            for client in self.clients:
+                await client.close()
         return self.results
 
 
