@@ -185,6 +185,16 @@ class Settings:
             "Log entries applied since the last snapshot before a new one is taken.",
         ),
     )
+    gc_refreeze_seconds: int = field(
+        default=300,
+        metadata=_opt(
+            "GC_REFREEZE_SECONDS",
+            "300",
+            "Seconds between full garbage collections; in between, the objects that "
+            "survived the last one are frozen, so automatic collections skip them and stay "
+            "short (service/gc_policy.py). 0 leaves Python's collector as it is.",
+        ),
+    )
     max_body_bytes: int = field(
         default=1024 * 1024,
         metadata=_opt(
@@ -502,6 +512,9 @@ def load_settings(
         election_ticks=election_ticks,
         heartbeat_ticks=heartbeat_ticks,
         snapshot_threshold=integer("SNAPSHOT_THRESHOLD", 1, 10**9, _DEFAULTS.snapshot_threshold),
+        gc_refreeze_seconds=integer(
+            "GC_REFREEZE_SECONDS", 0, 86_400, _DEFAULTS.gc_refreeze_seconds
+        ),
         max_body_bytes=integer("MAX_BODY_BYTES", 1024, 1 << 30, _DEFAULTS.max_body_bytes),
         redis_port=redis_port,
         cache_max_entries=integer("CACHE_MAX_ENTRIES", 1, 10**8, _DEFAULTS.cache_max_entries),

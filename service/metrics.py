@@ -91,6 +91,13 @@ class NodeMetrics:
             buckets=_FAST_BUCKETS,
             registry=r,
         )
+        self.gc_pause_seconds = Histogram(
+            "dsync_gc_pause_seconds",
+            "Garbage-collector pauses, by generation (2 = a full collection)",
+            [*n, "generation"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
         self.event_loop_lag_seconds = Histogram(
             "dsync_event_loop_lag_seconds",
             "How late a 100 ms timer fires on the node's event loop (long synchronous steps)",

@@ -25,6 +25,7 @@ from service.cache.service import CacheService
 from service.cache.store import RedisCacheStore
 from service.config import ConfigError, Settings, resolve_peer_ids
 from service.dedup import Deduplicated, DedupTable
+from service.gc_policy import GcFreezer, GcPauseRecorder
 from service.kv.machine import KvStateMachine
 from service.locks.service import LockService
 from service.loop_lag import LoopLagMonitor
@@ -78,11 +79,18 @@ class Node:
     _rejoin_task: asyncio.Future[None] | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     loop_lag: LoopLagMonitor = field(init=False)
+    gc_pauses: GcPauseRecorder = field(init=False)
+    gc_freezer: GcFreezer | None = None
 
     def __post_init__(self) -> None:
         self.metrics = NodeMetrics(self.settings.node_id)
         self.loop_lag = LoopLagMonitor(
             self.metrics.event_loop_lag_seconds.labels(self.settings.node_id)
+        )
+        pauses = self.metrics.gc_pause_seconds
+        node_id = self.settings.node_id
+        self.gc_pauses = GcPauseRecorder(
+            lambda generation, seconds: pauses.labels(node_id, str(generation)).observe(seconds)
         )
 
     @property
@@ -100,6 +108,7 @@ class Node:
 
     async def start(self, app_factory: Any) -> None:
         self.loop_lag.start()
+        self.gc_pauses.install()
         await self._start_redis()
         assert self.redis is not None
         await migrate(self.redis)
@@ -118,6 +127,10 @@ class Node:
             peers = {p.node_id: p.url for p in settings.peers if p.node_id is not None}
         self.peer_urls = peers
         await self._start_raft(tuple(sorted([self.node_id, *peers])))
+        if settings.gc_refreeze_seconds > 0:
+            # After the state is loaded: what survives a collection now lives long.
+            self.gc_freezer = GcFreezer(settings.gc_refreeze_seconds)
+            self.gc_freezer.start()
         log.info(
             "node started",
             extra={"url": self.self_url, "peers": peers, "mode": settings.mode},
@@ -378,6 +391,9 @@ class Node:
             await self.redis.aclose()
         if self.embedded is not None:
             await self.embedded.stop()
+        if self.gc_freezer is not None:
+            await self.gc_freezer.stop()
+        self.gc_pauses.uninstall()
         await self.loop_lag.stop()
         self._stopped.set()
 

@@ -90,6 +90,7 @@ def test_every_setting_from_environment() -> None:
             "ELECTION_TICKS": "15",
             "HEARTBEAT_TICKS": "3",
             "SNAPSHOT_THRESHOLD": "500",
+            "GC_REFREEZE_SECONDS": "0",
             "MAX_BODY_BYTES": "2048",
             "REDIS_PORT": "7000",
         }
@@ -106,6 +107,7 @@ def test_every_setting_from_environment() -> None:
     assert settings.log_format == "text"
     assert (settings.tick_ms, settings.election_ticks, settings.heartbeat_ticks) == (20, 15, 3)
     assert settings.snapshot_threshold == 500
+    assert settings.gc_refreeze_seconds == 0
     assert settings.max_body_bytes == 2048
     assert settings.redis_port == 7000
 
@@ -265,6 +267,8 @@ def test_bad_port(raw: str, message: str) -> None:
         ("ELECTION_TICKS", "1"),
         ("HEARTBEAT_TICKS", "0"),
         ("SNAPSHOT_THRESHOLD", "0"),
+        ("GC_REFREEZE_SECONDS", "-1"),
+        ("GC_REFREEZE_SECONDS", "5m"),
         ("MAX_BODY_BYTES", "10"),
         ("MAX_BODY_BYTES", "1MiB"),
     ],
