@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from service.background import BackgroundTask
+
 log = logging.getLogger("dsync.gc")
 
 DEFAULT_REFREEZE_SECONDS = 300.0
@@ -61,19 +63,16 @@ class GcFreezer:
         if refreeze_seconds <= 0:
             raise ValueError("refreeze_seconds must be positive")
         self._interval = refreeze_seconds
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("gc-refreeze", self._run)
 
     def start(self) -> None:
-        if self._task is None:
+        if not self._task.running:
             self.refreeze()
-            self._task = asyncio.create_task(self._run(), name="gc-refreeze")
+            self._task.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._task.running:
+            await self._task.stop()
             gc.unfreeze()  # leave the process as it found it
 
     def refreeze(self) -> None:

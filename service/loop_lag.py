@@ -10,8 +10,9 @@ the node stalled and for how long.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Protocol
+
+from service.background import BackgroundTask
 
 
 class Observer(Protocol):
@@ -24,18 +25,13 @@ class LoopLagMonitor:
             raise ValueError("interval must be positive")
         self._observer = observer
         self._interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("loop-lag", self._run)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="loop-lag")
+        self._task.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._task.stop()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
