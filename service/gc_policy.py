@@ -25,6 +25,7 @@ import contextlib
 import gc
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -36,17 +37,28 @@ DEFAULT_REFREEZE_SECONDS = 300.0
 
 
 class GcPauseRecorder:
-    """Times every collection through gc.callbacks; install once per process."""
+    """Times every collection through gc.callbacks; install once per process.
 
-    def __init__(self, observe: Callable[[int, float], None]) -> None:
+    The callback only notes the pause: a collection can start inside any allocation,
+    including one made while a metrics lock is held (prometheus_client copies its
+    children under a plain Lock when /metrics is scraped), so observing a histogram
+    from the callback could wait on that lock forever. `flush` hands the noted pauses
+    to `observe` from ordinary code; `start` runs it every `flush_seconds`."""
+
+    def __init__(self, observe: Callable[[int, float], None], flush_seconds: float = 1.0) -> None:
         self._observe = observe
         self._started: float | None = None
+        # Bounded: if nobody flushes, the oldest pauses are dropped, not memory.
+        self._pending: deque[tuple[int, float]] = deque(maxlen=10_000)
+        self._flush_seconds = flush_seconds
+        self._task = BackgroundTask("gc-pauses", self._run)
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
         elif self._started is not None:
-            self._observe(int(info.get("generation", -1)), time.perf_counter() - self._started)
+            paused = time.perf_counter() - self._started
+            self._pending.append((int(info.get("generation", -1)), paused))
             self._started = None
 
     def install(self) -> None:
@@ -56,6 +68,25 @@ class GcPauseRecorder:
     def uninstall(self) -> None:
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self._callback)
+
+    def flush(self) -> None:
+        while self._pending:
+            generation, seconds = self._pending.popleft()
+            self._observe(generation, seconds)
+
+    def start(self) -> None:
+        self.install()
+        self._task.start()
+
+    async def stop(self) -> None:
+        await self._task.stop()
+        self.uninstall()
+        self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_seconds)
+            self.flush()
 
 
 class GcFreezer:

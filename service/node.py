@@ -108,7 +108,7 @@ class Node:
 
     async def start(self, app_factory: Any) -> None:
         self.loop_lag.start()
-        self.gc_pauses.install()
+        self.gc_pauses.start()
         await self._start_redis()
         assert self.redis is not None
         await migrate(self.redis)
@@ -393,7 +393,7 @@ class Node:
             await self.embedded.stop()
         if self.gc_freezer is not None:
             await self.gc_freezer.stop()
-        self.gc_pauses.uninstall()
+        await self.gc_pauses.stop()
         await self.loop_lag.stop()
         self._stopped.set()
 
