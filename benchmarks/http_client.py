@@ -163,7 +163,7 @@ class LeanClient:
             raise ValueError(f"the lean client speaks plain http:// only, not {base_url!r}")
         self._host = parts.hostname
         self._port = parts.port or 80
-        self._host_header = parts.netloc.encode()
+        self._host_header = parts.netloc
         self._limit = max(1, limit)
         self._idle: list[_Connection] = []
         self._open = 0
@@ -176,7 +176,7 @@ class LeanClient:
         started = time.perf_counter()
         payload = b"" if body is None else json.dumps(body).encode()
         head = (
-            f"{method} {path} HTTP/1.1\r\nHost: {self._host_header.decode()}\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
         ).encode()
         connection: _Connection | None = None
