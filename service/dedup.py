@@ -26,7 +26,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.statemachine import Command, StateMachine
@@ -43,8 +43,18 @@ class _Entry:
     op: str
     args_digest: str
     result_json: str
+    # The stored form, made once: it is written to Redis when the entry is recorded
+    # and again in every snapshot, which holds the event loop while it dumps the
+    # whole table (10,000 entries by default).
+    text: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text", self._encode())
 
     def encode(self) -> str:
+        return self.text
+
+    def _encode(self) -> str:
         # The result is embedded as JSON (not a string of JSON) so `HGET` shows it
         # readably. Spliced rather than re-parsed and re-dumped: this runs for every
         # applied command that carries a request_id. Keys in sorted order, as before.

@@ -89,6 +89,21 @@ def test_dump_and_load_round_trip_keeps_results_and_order() -> None:
     assert table2.lookup("kv", "r1") is None  # the oldest by index went first
 
 
+def test_the_snapshot_and_the_redis_write_carry_the_same_text() -> None:
+    """Each entry is encoded once; the dump (a snapshot) reuses that text, which must be
+    what Redis got when the entry was recorded, and what loading it gives back."""
+    _table, _, registry = make(max_entries=10)
+    for i in range(1, 4):
+        registry.apply(i, put(f"v{i}", f"r{i}"))
+    writes = registry.take_writes()
+    written = {w.key: dict(w.fields) for w in writes if w.key.startswith(DEDUP_PREFIX)}
+    dumped = {k: v for k, v in registry.dump().items() if k.startswith(DEDUP_PREFIX)}
+    assert dumped == written
+    record = json.loads(dumped[DEDUP_PREFIX + "kv"]["r2"])
+    assert record["index"] == 2 and record["op"] == "kv.put"
+    assert record["result"] == {"status": "ok", "version": 2}
+
+
 def test_a_malformed_materialised_entry_stops_the_load() -> None:
     table = DedupTable()
     with pytest.raises(ValueError, match="malformed dedup entry"):
