@@ -42,8 +42,19 @@ async def server() -> AsyncIterator[tuple[str, dict[str, int]]]:
         transport.close()
         return web.Response()
 
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for part in (b'{"parts": ', b'[1, 2, 3]', b"}"):
+            await response.write(part)
+            await asyncio.sleep(0.01)
+        await response.write_eof()
+        return response
+
     app = web.Application()
     app.router.add_route("*", "/echo", echo)
+    app.router.add_get("/chunked", chunked)
     app.router.add_get("/garbage", garbage)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -72,6 +83,18 @@ async def test_a_json_round_trip_on_a_kept_alive_connection(
     finally:
         await client.close()
     assert seen["requests"] == 6
+
+
+async def test_a_chunked_answer_is_read_whole(server: tuple[str, dict[str, int]]) -> None:
+    url, _ = server
+    client = LeanClient(url, limit=1)
+    try:
+        for _ in range(2):  # and the connection is reusable after it
+            status, body, _ = await client.request("GET", "/chunked", None, 5)
+            assert (status, body) == (200, {"parts": [1, 2, 3]})
+        assert client._open == 1
+    finally:
+        await client.close()
 
 
 async def test_a_connection_the_server_closes_is_replaced(
