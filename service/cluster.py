@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.config import default_redis_port
+from service.config import REDIS_PORT_OFFSET, default_redis_port
 from service.storage.embedded import read_pidfile
 
 
@@ -247,8 +247,28 @@ def cluster_ports(base_port: int, size: int) -> list[int]:
     return ports + [default_redis_port(p) for p in ports]
 
 
-def free_base_port(size: int, low: int = 20_000, high: int = 40_000) -> int:
-    """A base port whose node ports and embedded Redis ports are all free."""
+EPHEMERAL_PORTS_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def ephemeral_port_low(path: str = EPHEMERAL_PORTS_FILE) -> int:
+    """Where the kernel starts picking local ports for outgoing connections (Linux's
+    default when the file cannot be read)."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_base_port(size: int, low: int = 10_000, high: int | None = None) -> int:
+    """A base port whose node ports and embedded Redis ports are all free, all below
+    the ephemeral range: a port in it may be free when checked and taken a moment
+    later by some outgoing connection's local end (seen in CI: a node's Redis port).
+    """
+    if high is None:
+        high = ephemeral_port_low() - REDIS_PORT_OFFSET - size
+    if high <= low:
+        raise RuntimeError(f"no room for {size} nodes between port {low} and {high}")
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(low, high)
