@@ -14,6 +14,17 @@ class BackgroundTask:
         self._run = run
         self._task: asyncio.Task[None] | None = None
 
+    @classmethod
+    def every(cls, name: str, seconds: float, action: Callable[[], None]) -> BackgroundTask:
+        """A task that runs `action` every `seconds`, first after one interval."""
+
+        async def repeat() -> None:
+            while True:
+                await asyncio.sleep(seconds)
+                action()
+
+        return cls(name, repeat)
+
     @property
     def running(self) -> bool:
         return self._task is not None

@@ -20,7 +20,6 @@ interval, at the cost of one full pause per interval instead of one every few se
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import logging
@@ -50,8 +49,7 @@ class GcPauseRecorder:
         self._started: float | None = None
         # Bounded: if nobody flushes, the oldest pauses are dropped, not memory.
         self._pending: deque[tuple[int, float]] = deque(maxlen=10_000)
-        self._flush_seconds = flush_seconds
-        self._task = BackgroundTask("gc-pauses", self._run)
+        self._task = BackgroundTask.every("gc-pauses", flush_seconds, self.flush)
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -83,18 +81,16 @@ class GcPauseRecorder:
         self.uninstall()
         self.flush()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._flush_seconds)
-            self.flush()
 
 
 class GcFreezer:
     def __init__(self, refreeze_seconds: float = DEFAULT_REFREEZE_SECONDS) -> None:
         if refreeze_seconds <= 0:
             raise ValueError("refreeze_seconds must be positive")
-        self._interval = refreeze_seconds
-        self._task = BackgroundTask("gc-refreeze", self._run)
+        # Looked up at each run (not bound now), like a method call in a loop would be.
+        self._task = BackgroundTask.every(
+            "gc-refreeze", refreeze_seconds, lambda: self.refreeze()
+        )
 
     def start(self) -> None:
         if not self._task.running:
@@ -119,8 +115,3 @@ class GcFreezer:
                 "ms": round((time.perf_counter() - started) * 1000, 1),
             },
         )
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            self.refreeze()
