@@ -125,24 +125,33 @@ class ReplicationMixin(QueueServiceBase):
                 continue
             if replica.leader_epoch != item["epoch"]:
                 continue
-            seq, stamp = int(reply.get("seq", 0)), int(reply.get("stamp", 0))
-            if reply.get("ok"):
-                replica.follower_ack(peer, seq)
-                if seq >= item["upto"]:
-                    replica.follower_caught_up_at[peer] = asyncio.get_running_loop().time()
-            elif reply.get("error"):
-                continue  # stale epoch / unknown queue: metadata will catch up
-            elif replica.agrees(seq, stamp):
-                # Where the follower really is: it may be behind what it acked before
-                # (its storage was lost), and then catches up from there; until it has,
-                # it must not count as caught up because it once was.
-                if seq < replica.follower_acked.get(peer, -1):
-                    replica.follower_caught_up_at.pop(peer, None)
-                replica.follower_acked[peer] = seq
-            else:
-                # Diverged or too far behind: the next round sends the whole state.
-                replica.follower_acked[peer] = -1
+            self._note_replication_reply(replica, peer, item, reply)
+            meta = self.meta.get(replica.queue)
+            if meta is not None:
+                replicas = meta.partitions[replica.partition].replicas
+                replica.release_acked_ops(f for f in replicas if f != self.node_id)
+
+    def _note_replication_reply(
+        self, replica: PartitionReplica, peer: str, item: dict[str, Any], reply: dict[str, Any]
+    ) -> None:
+        seq, stamp = int(reply.get("seq", 0)), int(reply.get("stamp", 0))
+        if reply.get("ok"):
+            replica.follower_ack(peer, seq)
+            if seq >= item["upto"]:
+                replica.follower_caught_up_at[peer] = asyncio.get_running_loop().time()
+        elif reply.get("error"):
+            return  # stale epoch / unknown queue: metadata will catch up
+        elif replica.agrees(seq, stamp):
+            # Where the follower really is: it may be behind what it acked before
+            # (its storage was lost), and then catches up from there; until it has,
+            # it must not count as caught up because it once was.
+            if seq < replica.follower_acked.get(peer, -1):
                 replica.follower_caught_up_at.pop(peer, None)
+            replica.follower_acked[peer] = seq
+        else:
+            # Diverged or too far behind: the next round sends the whole state.
+            replica.follower_acked[peer] = -1
+            replica.follower_caught_up_at.pop(peer, None)
 
     # --- replication: follower side ----------------------------------------------------
 

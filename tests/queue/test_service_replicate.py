@@ -117,3 +117,61 @@ async def test_a_follower_far_behind_on_large_messages_gets_requests_of_a_few_mi
     shipped = items[0]["ops"]
     assert 1 <= len(shipped) < 30
     assert sum(_op_bytes(op) for _, op in shipped) <= 9 * 1024 * 1024
+
+
+def three_replica_leader() -> QueueService:
+    """n1 leading queue q3: one partition on n1, n2 and n3."""
+    service = QueueService("n1", NodeMetrics("n1"), MemoryPartitionStore())
+    result = service.meta.apply(1, Command("queue.create", {
+        "queue": "q3", "partitions": 1, "replicas": 3, "max_length": 1000,
+        "delivery_limit": 5, "placement": [["n1", "n2", "n3"]],
+    }))
+    assert result["status"] == "created", result
+    return service
+
+
+def ok_reply(service: QueueService, peer: str, seq: int) -> None:
+    replica = service.replicas[("q3", 0)]
+    item = {"q": "q3", "p": 0, "epoch": replica.leader_epoch, "upto": seq}
+    service._replication_replies(peer, [item], [{"ok": True, "seq": seq, "stamp": 0}])
+
+
+async def test_ops_every_follower_holds_leave_the_buffer() -> None:
+    """Regression: the leader kept up to 50,000 shipped ops per partition after every
+    follower held them, which full garbage collections walked (100-250 ms pauses in
+    queue_bench)."""
+    service = three_replica_leader()
+    replica = await service._replica("q3", 0)
+    replica.become_leader(1, ("n1", "n2", "n3"), 0, 77)
+    replica.apply_local([Publish(i, f"m{i}", None, "x") for i in range(1, 21)])
+    end = replica.position.seq
+    ok_reply(service, "n2", end)
+    # n3 has not answered this leadership: everything stays for it.
+    assert len(replica.buffer) == end
+    ok_reply(service, "n3", 5)
+    # Kept from n3's position on, including the op at it (its stamp continues the chain).
+    assert replica.buffer[0].seq == 5
+    items, _ = service._replication_items("n3")
+    assert items[0]["prev"] == [5, replica.stamp_at(5)]
+    assert [stamp for stamp, _ in items[0]["ops"]] == [replica.stamp] * (end - 5)
+    ok_reply(service, "n3", end)
+    assert [op.seq for op in replica.buffer] == [end]
+    # More ops go out to both as usual.
+    replica.apply_local([Publish(21, "m21", None, "x")])
+    for peer in ("n2", "n3"):
+        items, _ = service._replication_items(peer)
+        assert items[0]["prev"] == [end, replica.stamp] and len(items[0]["ops"]) == 1
+
+
+async def test_a_follower_behind_the_released_ops_gets_the_whole_state() -> None:
+    service = three_replica_leader()
+    replica = await service._replica("q3", 0)
+    replica.become_leader(1, ("n1", "n2", "n3"), 0, 77)
+    replica.apply_local([Publish(i, f"m{i}", None, "x") for i in range(1, 11)])
+    ok_reply(service, "n2", replica.position.seq)
+    ok_reply(service, "n3", replica.position.seq)
+    # n3 lost its disk and comes back empty: the ops it needs were released.
+    probe = {"q": "q3", "p": 0, "epoch": 1, "upto": replica.position.seq}
+    service._replication_replies("n3", [probe], [{"ok": False, "seq": 0, "stamp": 0}])
+    items, _ = service._replication_items("n3")
+    assert "replace" in items[0] and items[0]["seq"] == replica.position.seq
