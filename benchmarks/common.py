@@ -54,6 +54,28 @@ class Window:
         return self.start <= moment < self.end
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """When one client of an open-loop load sends its requests: every `interval` seconds
+    from `origin`. A client that falls behind sends at once and does not skip requests,
+    and its latency counts from `due`, so a slow server cannot hide its queueing."""
+
+    origin: float
+    interval: float
+
+    def due(self, n: int) -> float:
+        return self.origin + n * self.interval
+
+    @classmethod
+    def spread(cls, start: float, requests_per_second: float, clients: int) -> list[Schedule]:
+        """Schedules for `clients` that together offer `requests_per_second`, staggered
+        evenly so their requests do not all fall due at once."""
+        if requests_per_second <= 0 or clients < 1:
+            raise ValueError("need a positive rate and at least one client")
+        interval = clients / requests_per_second
+        return [cls(start + i * interval / clients, interval) for i in range(clients)]
+
+
 def percentile(values: list[float], fraction: float) -> float:
     """Nearest-rank percentile of values (sorted or not); NaN when empty."""
     if not values:

@@ -36,6 +36,17 @@ def test_queue_bench_reports_throughput_and_latency(c: LocalCluster) -> None:
     assert "errors: 0" in out
 
 
+def test_queue_bench_offers_a_fixed_rate_when_asked(c: LocalCluster) -> None:
+    out = run("queue_bench.py", c, "--producers", "4", "--consumers", "2", "--batch", "5",
+              "--rate", "400")
+    assert "offered: 400 msgs/s (80 requests/s over 4 producers)" in out
+    published = re.search(r"published: \d+ msgs in .* = ([0-9.]+) msgs/s", out)
+    assert published is not None
+    # Paced, not flat out: 400/s give or take a request per producer at the edges.
+    assert 300 <= float(published.group(1)) <= 420, out
+    assert "errors: 0" in out
+
+
 def test_cache_bench_reports_hits_misses_and_writes(c: LocalCluster) -> None:
     out = run("cache_bench.py", c, "--clients", "8", "--keys", "50")
     rate = re.search(r"= ([0-9.]+) ops/s", out)
