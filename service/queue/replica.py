@@ -263,6 +263,7 @@ class GroupFlusher:
         self.store = store
         self._dirty: dict[tuple[str, int], PartitionReplica] = {}
         self._task: asyncio.Task[None] | None = None
+        self._round_end: asyncio.Future[None] | None = None
 
     def request(self, replica: PartitionReplica) -> None:
         self._dirty[(replica.queue, replica.partition)] = replica
@@ -270,26 +271,47 @@ class GroupFlusher:
             self._task = asyncio.ensure_future(self._run())
 
     async def wait(self) -> None:
-        if self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
+        """Until the save round in progress ends (at once when the flusher is idle).
+
+        Not until the flusher is idle: under steady load it never is, and waiting for
+        that made a replicated write wait for the saves of writes that came after it
+        (3-4 rounds: a follower's flush waited 12-16 ms at the median for 4 ms saves).
+        A writer whose writes missed this round waits for the next one as well."""
+        if self._task is None or self._task.done():
+            return
+        if self._round_end is None:
+            self._round_end = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._round_end)
+
+    def _end_round(self) -> None:
+        end, self._round_end = self._round_end, None
+        if end is not None and not end.done():
+            end.set_result(None)
 
     async def _run(self) -> None:
-        while self._dirty:
-            batch = list(self._dirty.values())
-            self._dirty.clear()
-            taken = [(r, *r.take_unsaved()) for r in batch if r.durable_seq < r.position.seq]
-            if not taken:
-                continue
-            try:
-                await self.store.save_many(
-                    [(r.queue, r.partition, w, pos, r.state) for r, w, pos in taken]
-                )
-            except Exception as exc:
-                for replica, writes, _ in taken:
-                    replica.save_failed(writes)
-                    self._dirty[(replica.queue, replica.partition)] = replica
-                log.warning("partition save failed; retrying", extra={"error": str(exc)})
-                await asyncio.sleep(FLUSH_RETRY_SECONDS)
-                continue
-            for replica, _, position in taken:
-                replica.saved(position)
+        try:
+            while self._dirty:
+                await self._save_round()
+                self._end_round()
+        finally:
+            self._end_round()
+
+    async def _save_round(self) -> None:
+        batch = list(self._dirty.values())
+        self._dirty.clear()
+        taken = [(r, *r.take_unsaved()) for r in batch if r.durable_seq < r.position.seq]
+        if not taken:
+            return
+        try:
+            await self.store.save_many(
+                [(r.queue, r.partition, w, pos, r.state) for r, w, pos in taken]
+            )
+        except Exception as exc:
+            for replica, writes, _ in taken:
+                replica.save_failed(writes)
+                self._dirty[(replica.queue, replica.partition)] = replica
+            log.warning("partition save failed; retrying", extra={"error": str(exc)})
+            await asyncio.sleep(FLUSH_RETRY_SECONDS)
+            return
+        for replica, _, position in taken:
+            replica.saved(position)
