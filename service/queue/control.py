@@ -195,7 +195,7 @@ class ControlMixin(QueueServiceBase):
                 continue
             trim = replica.state.plan_trim()
             if trim is not None:
-                replica.apply_local([trim])
+                replica.apply_local([trim], lazy=True)
             lags = [replica.state.lag(g) for g in replica.state.groups] or [len(replica.state)]
             self.metrics.queue_lag.labels(self.node_id, queue, str(partition)).set(max(lags))
 

@@ -24,6 +24,11 @@ log = logging.getLogger("dsync.queue")
 # Recent ops a leader keeps for followers; one further behind gets the whole state.
 OP_BUFFER = 50_000
 FLUSH_RETRY_SECONDS = 0.05
+# How long ops nobody waits for (deliveries, acks, nacks, trims) may wait before they are
+# saved and shipped: they ride with the next publish's round, or go on their own after
+# this. Saving and shipping each one as it came cost a Redis transaction on every
+# replica and a replication request per follower for every consume and every ack.
+LAZY_OPS_SECONDS = 0.02
 
 
 class NotPartitionLeader(Exception):
@@ -70,6 +75,7 @@ class PartitionReplica:
         self.flusher = flusher if flusher is not None else GroupFlusher(store)
         self._unsaved = Writes()
         self.on_ops: Callable[[PartitionReplica], None] | None = None  # wakes senders
+        self._lazy_due: asyncio.TimerHandle | None = None
 
     # --- leadership --------------------------------------------------------------------
 
@@ -104,6 +110,7 @@ class PartitionReplica:
         self.leader_epoch = 0
         self.follower_acked = {}
         self.buffer.clear()
+        self._cancel_lazy()
         for _, future in self._waiters:
             if not future.done():
                 future.set_exception(NotPartitionLeader(f"{self.queue}/{self.partition}"))
@@ -112,8 +119,13 @@ class PartitionReplica:
 
     # --- leader: applying and committing -----------------------------------------------
 
-    def apply_local(self, ops: Iterable[Op]) -> int:
-        """Apply ops as the leader; returns the seq of the last one."""
+    def apply_local(self, ops: Iterable[Op], *, lazy: bool = False) -> int:
+        """Apply ops as the leader; returns the seq of the last one.
+
+        `lazy`: nobody waits for these ops to be durable and replicated (no answer
+        depends on it), so they are saved and shipped with the next ops that are
+        waited for, or after LAZY_OPS_SECONDS. Losing them in a crash only redelivers
+        messages, which at-least-once delivery allows."""
         if not self.leading:
             raise NotPartitionLeader(f"{self.queue}/{self.partition}")
         seq = self.position.seq
@@ -123,10 +135,25 @@ class PartitionReplica:
             self.buffer.append(ShippedOp(seq, self.stamp, encode_op(op)))
         if seq > self.position.seq:
             self.position = Position(self.leader_epoch, seq, self.stamp)
+        if lazy:
+            if self._lazy_due is None:
+                loop = asyncio.get_running_loop()
+                self._lazy_due = loop.call_later(LAZY_OPS_SECONDS, self._ship)
+        else:
+            self._ship()
+        return seq
+
+    def _ship(self) -> None:
+        """Save and replicate everything applied so far."""
+        self._cancel_lazy()
         self._schedule_flush()
         if self.on_ops is not None:
             self.on_ops(self)
-        return seq
+
+    def _cancel_lazy(self) -> None:
+        if self._lazy_due is not None:
+            self._lazy_due.cancel()
+            self._lazy_due = None
 
     def committed(self, seq: int) -> bool:
         if self.durable_seq < seq:

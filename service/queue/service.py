@@ -31,6 +31,7 @@ from service.placement import assign, partition_for
 from service.queue.base import (
     LONG_POLL_SLICE_SECONDS,
     PUBLISH_TIMEOUT_SECONDS,
+    REMOTE_EMPTY_SECONDS,
     REMOTE_POLL_SECONDS,
     Delivered,
     QueueError,
@@ -345,7 +346,7 @@ class QueueService(ReplicationMixin, ControlMixin):
             )
             if not ops:
                 continue
-            replica.apply_local(ops)
+            replica.apply_local(ops, lazy=True)
             for op in ops:
                 if isinstance(op, Dead):
                     self.metrics.queue_dead_lettered.labels(self.node_id, queue).inc()
@@ -400,12 +401,16 @@ class QueueService(ReplicationMixin, ControlMixin):
         self, meta: QueueMeta, group: str, consumer: str, max_messages: int,
         visibility_ms: int,
     ) -> list[Delivered]:
+        loop = asyncio.get_running_loop()
         leaders = sorted({p.leader for p in meta.partitions} - {self.node_id})
         self._rng.shuffle(leaders)
         out: list[Delivered] = []
         for leader in leaders:
             if len(out) >= max_messages:
                 break
+            empty_key = (meta.name, group, leader)
+            if loop.time() < self._remote_empty_until.get(empty_key, 0.0):
+                continue
             body = {"queue": meta.name, "group": group, "consumer": consumer,
                     "max": max_messages - len(out), "visibility_ms": visibility_ms}
             try:
@@ -414,7 +419,17 @@ class QueueService(ReplicationMixin, ControlMixin):
                 continue  # a dead leader's partitions move; its deliveries time out
             if status == 200 and isinstance(reply, list):
                 out.extend(Delivered.from_wire(raw) for raw in reply)
+                if reply:
+                    self._remote_empty_until.pop(empty_key, None)
+                else:
+                    self._note_remote_empty(empty_key, loop.time())
         return out
+
+    def _note_remote_empty(self, key: tuple[str, str, str], now: float) -> None:
+        marks = self._remote_empty_until
+        if len(marks) >= 4096:  # groups come and go: keep only the marks still in force
+            self._remote_empty_until = marks = {k: t for k, t in marks.items() if t > now}
+        marks[key] = now + REMOTE_EMPTY_SECONDS
 
     async def _wait_for_messages(self, queue: str, timeout: float) -> None:
         led = self.led_partitions(queue)
@@ -460,7 +475,7 @@ class QueueService(ReplicationMixin, ControlMixin):
                     ops.append(Nack(group, offset, now + delay_ms))
                     statuses[pos] = "nacked"
             if ops:
-                replica.apply_local(ops)
+                replica.apply_local(ops, lazy=True)
                 if delay_ms is not None:
                     replica.new_messages.set()
         acked = statuses.count("acked")
