@@ -20,6 +20,7 @@ from service.metrics import NodeMetrics
 from service.queue.meta import QueueMetaMachine
 from service.queue.replica import GroupFlusher, NotPartitionLeader, PartitionReplica
 from service.queue.store import PartitionStore
+from service.queue.waiters import MessageWaiters
 from service.raft.core import RaftError, Role
 from service.raft.runner import RaftRunner
 from service.statemachine import Command
@@ -108,6 +109,7 @@ class QueueServiceBase:
         self._reconcile_needed = asyncio.Event()
         self._counters: dict[str, int] = {}
         self._rotation = itertools.count()
+        self._message_waiters = MessageWaiters()
         # (queue, group, leader) -> loop time until which that leader counts as empty
         self._remote_empty_until: dict[tuple[str, str, str], float] = {}
         self._moving: set[tuple[str, int, int]] = set()

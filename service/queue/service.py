@@ -42,7 +42,7 @@ from service.queue.control import ControlMixin
 from service.queue.meta import QueueMeta, QueueOptions
 from service.queue.ops import Ack, Dead, Nack
 from service.queue.partition import PublishResult
-from service.queue.replica import NotPartitionLeader
+from service.queue.replica import NotPartitionLeader, PartitionReplica
 from service.queue.replication import ReplicationMixin
 from service.raft.core import Role
 from service.raft.runner import RaftRunner
@@ -126,7 +126,7 @@ class QueueService(ReplicationMixin, ControlMixin):
                         replica.become_leader(
                             part.epoch, part.isr, now_ms(), self._rng.getrandbits(32)
                         )
-                        replica.new_messages.set()
+                        self._messages_arrived(replica)
                     else:
                         replica.set_isr(part.isr)
                 elif replica.leading:
@@ -201,7 +201,7 @@ class QueueService(ReplicationMixin, ControlMixin):
         ops, results = replica.state.plan_publish(items)
         seq = replica.apply_local(ops) if ops else replica.position.seq
         if ops:
-            replica.new_messages.set()
+            self._messages_arrived(replica)
         try:
             await replica.wait_committed(seq, PUBLISH_TIMEOUT_SECONDS)
         except TimeoutError as exc:
@@ -387,10 +387,13 @@ class QueueService(ReplicationMixin, ControlMixin):
             now = loop.time()
             if now >= deadline:
                 return []
-            await self._wait_for_messages(
-                queue, min(deadline - now, LONG_POLL_SLICE_SECONDS, max(0.0, next_remote - now))
+            await self._message_waiters.wait(
+                queue, group,
+                min(deadline - now, LONG_POLL_SLICE_SECONDS, max(0.0, next_remote - now)),
             )
             out = local()
+            if len(out) >= max_messages:
+                self._message_waiters.notify(queue)  # there may be more: the next one
             now = loop.time()
             if not out and (now >= next_remote or now >= deadline):
                 out = await remote()
@@ -425,26 +428,16 @@ class QueueService(ReplicationMixin, ControlMixin):
                     self._note_remote_empty(empty_key, loop.time())
         return out
 
+    def _messages_arrived(self, replica: PartitionReplica) -> None:
+        """New messages (or messages back from a nack) in a partition led here."""
+        replica.new_messages.set()
+        self._message_waiters.notify(replica.queue)
+
     def _note_remote_empty(self, key: tuple[str, str, str], now: float) -> None:
         marks = self._remote_empty_until
         if len(marks) >= 4096:  # groups come and go: keep only the marks still in force
             self._remote_empty_until = marks = {k: t for k, t in marks.items() if t > now}
         marks[key] = now + REMOTE_EMPTY_SECONDS
-
-    async def _wait_for_messages(self, queue: str, timeout: float) -> None:
-        led = self.led_partitions(queue)
-        events = [r.new_messages for r in led]
-        for event in events:
-            event.clear()
-        if not events:
-            await asyncio.sleep(timeout)
-            return
-        waiters = [asyncio.ensure_future(e.wait()) for e in events]
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
 
     # --- ack / nack --------------------------------------------------------------------
 
@@ -477,7 +470,7 @@ class QueueService(ReplicationMixin, ControlMixin):
             if ops:
                 replica.apply_local(ops, lazy=True)
                 if delay_ms is not None:
-                    replica.new_messages.set()
+                    self._messages_arrived(replica)
         acked = statuses.count("acked")
         if acked:
             self.metrics.queue_acked.labels(self.node_id, queue).inc(acked)
