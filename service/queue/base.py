@@ -103,6 +103,10 @@ class QueueServiceBase:
         # Set by the node: node-to-node RPCs then share batched peer requests.
         self.calls: CallBatcher | None = None
         self.replicas: dict[tuple[str, int], PartitionReplica] = {}
+        # The replicas this node leads (the replicas keep it): what replication, ISR
+        # checks and trimming visit, so their cost follows the partitions led here,
+        # not every partition of every queue (100 idle queues took 12% of a core).
+        self.leading_replicas: dict[tuple[str, int], PartitionReplica] = {}
         self._loading: dict[tuple[str, int], asyncio.Future[PartitionReplica]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake: dict[str, asyncio.Event] = {}
@@ -148,7 +152,8 @@ class QueueServiceBase:
     async def _load(self, queue: str, partition: int) -> PartitionReplica:
         state, position = await self.store.load(queue, partition)
         replica = PartitionReplica(
-            self.node_id, queue, partition, state, position, self.store, self._flusher()
+            self.node_id, queue, partition, state, position, self.store, self._flusher(),
+            self.leading_replicas,
         )
         replica.on_ops = self._ops_ready
         self.replicas[(queue, partition)] = replica

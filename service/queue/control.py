@@ -45,9 +45,7 @@ class ControlMixin(QueueServiceBase):
                 log.exception("queue maintenance failed")
 
     def _check_isr(self, now: float) -> None:
-        for (queue, partition), replica in list(self.replicas.items()):
-            if not replica.leading:
-                continue
+        for (queue, partition), replica in list(self.leading_replicas.items()):
             meta = self.meta.get(queue)
             if meta is None:
                 continue
@@ -190,9 +188,7 @@ class ControlMixin(QueueServiceBase):
         self._reconcile_needed.set()
 
     def _trim_and_gauge(self) -> None:
-        for (queue, partition), replica in list(self.replicas.items()):
-            if not replica.leading:
-                continue
+        for (queue, partition), replica in list(self.leading_replicas.items()):
             trim = replica.state.plan_trim()
             if trim is not None:
                 replica.apply_local([trim], lazy=True)

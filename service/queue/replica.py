@@ -52,8 +52,12 @@ class PartitionReplica:
         position: Position,
         store: PartitionStore,
         flusher: GroupFlusher | None = None,
+        leading: dict[tuple[str, int], PartitionReplica] | None = None,
     ) -> None:
+        """`leading`: the node's index of the replicas it leads, kept here (the only
+        place leadership changes) so the node's periodic work visits those alone."""
         self.node_id = node_id
+        self._leading_index = leading if leading is not None else {}
         self.queue = queue
         self.partition = partition
         self.state = state
@@ -88,6 +92,7 @@ class PartitionReplica:
         unique even when a restarted node resumes the same epoch: ops it made before the
         crash but never persisted may sit on followers, and must not pass for new ones."""
         self.leader_epoch = epoch
+        self._leading_index[(self.queue, self.partition)] = self
         self.stamp = (epoch << 32) | (nonce & 0xFFFFFFFF)
         self.isr = tuple(isr)
         self.follower_acked = {}
@@ -108,6 +113,7 @@ class PartitionReplica:
             log.info("partition follower",
                      extra={"queue": self.queue, "partition": self.partition})
         self.leader_epoch = 0
+        self._leading_index.pop((self.queue, self.partition), None)
         self.follower_acked = {}
         self.buffer.clear()
         self._cancel_lazy()

@@ -75,9 +75,7 @@ class ReplicationMixin(QueueServiceBase):
         # Bytes of op payload one request may carry: a follower far behind on large
         # messages catches up over several requests of a few MiB, not one of hundreds.
         budget = MAX_REPLICATE_BYTES
-        for (queue, partition), replica in sorted(self.replicas.items()):
-            if not replica.leading:
-                continue
+        for (queue, partition), replica in list(self.leading_replicas.items()):
             meta = self.meta.get(queue)
             if meta is None or peer not in meta.partitions[partition].replicas:
                 continue

@@ -175,3 +175,25 @@ async def test_a_follower_behind_the_released_ops_gets_the_whole_state() -> None
     service._replication_replies("n3", [probe], [{"ok": False, "seq": 0, "stamp": 0}])
     items, _ = service._replication_items("n3")
     assert "replace" in items[0] and items[0]["seq"] == replica.position.seq
+
+
+async def test_the_index_of_led_replicas_follows_leadership() -> None:
+    """Replication, ISR checks and trimming visit `leading_replicas` only; a replica
+    missing from it would never ship its ops."""
+    service = three_replica_leader()
+    replica = await service._replica("q3", 0)
+    assert service.leading_replicas == {}
+    assert service._replication_items("n2") == ([], False)
+    replica.become_leader(1, ("n1", "n2", "n3"), 0, 77)
+    assert service.leading_replicas == {("q3", 0): replica}
+    items, _ = service._replication_items("n2")
+    assert [(i["q"], i["p"]) for i in items] == [("q3", 0)]
+    # A newer epoch from another leader makes it step down through replication.
+    service.meta.apply(2, Command("queue.move", {
+        "queue": "q3", "partition": 0, "epoch": 1, "leader": "n2", "isr": ["n1", "n2"]}))
+    [reply] = await service.handle_replicate(
+        "n2", [{"q": "q3", "p": 0, "epoch": 2, "upto": 0, "prev": [0, 0], "ops": []}]
+    )
+    assert "error" not in reply  # the epoch was taken; only its position was asked
+    assert not replica.leading and service.leading_replicas == {}
+    assert service._replication_items("n3") == ([], False)
