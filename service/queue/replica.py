@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.queue.ops import Op, Publish, Rebase, encode_op
+from service.queue.ops import Op, Rebase, encode_op
 from service.queue.partition import PartitionState, Writes
 from service.queue.store import PartitionStore, Position
 
@@ -73,7 +73,6 @@ class PartitionReplica:
         # Loop time each follower was last seen holding everything sent to it.
         self.follower_caught_up_at: dict[str, float] = {}
         self.isr: tuple[str, ...] = ()
-        self.new_messages = asyncio.Event()
         self.progress = asyncio.Event()  # set whenever durable/acked positions move
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.flusher = flusher if flusher is not None else GroupFlusher(store)
@@ -232,8 +231,6 @@ class PartitionReplica:
             stamp = op_stamp
         self.position = Position(epoch, seq, stamp)
         self._schedule_flush()
-        if any(isinstance(op, Publish) for _, op in ops):
-            self.new_messages.set()
 
     async def replace_state(self, state: PartitionState, position: Position) -> None:
         """Take the leader's whole state (we were too far behind, or diverged)."""

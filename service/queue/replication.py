@@ -200,7 +200,6 @@ class ReplicationMixin(QueueServiceBase):
             await replica.replace_state(
                 state, Position(epoch, int(item["seq"]), int(item["stamp"]))
             )
-            replica.new_messages.set()
             return {"ok": True, "_key": (queue, partition)}, replica
         try:
             prev_seq, prev_stamp = (int(x) for x in item["prev"])

@@ -430,7 +430,6 @@ class QueueService(ReplicationMixin, ControlMixin):
 
     def _messages_arrived(self, replica: PartitionReplica) -> None:
         """New messages (or messages back from a nack) in a partition led here."""
-        replica.new_messages.set()
         self._message_waiters.notify(replica.queue)
 
     def _note_remote_empty(self, key: tuple[str, str, str], now: float) -> None:
