@@ -16,6 +16,7 @@ import pytest
 
 from service.metrics import NodeMetrics
 from service.queue.base import REMOTE_EMPTY_SECONDS, Delivered
+from service.queue.meta import QueueMeta
 from service.queue.ops import Ack, Publish
 from service.queue.partition import PartitionState
 from service.queue.replica import LAZY_OPS_SECONDS, GroupFlusher, PartitionReplica
@@ -100,9 +101,11 @@ def node_of_a_queue_led_elsewhere() -> QueueService:
     return service
 
 
-async def test_a_leader_that_had_nothing_is_not_asked_again_at_once(
+def node_with_fake_leaders(
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
+) -> tuple[QueueService, QueueMeta, list[str], dict[str, list[Any]]]:
+    """The node, its queue, the leaders its remote consumes asked (in order), and what
+    each leader answers (nothing, until a test puts deliveries there)."""
     service = node_of_a_queue_led_elsewhere()
     meta = service.meta.get("q")
     assert meta is not None
@@ -114,6 +117,13 @@ async def test_a_leader_that_had_nothing_is_not_asked_again_at_once(
         return 200, answers[node]
 
     monkeypatch.setattr(service, "_rpc", rpc)
+    return service, meta, asked, answers
+
+
+async def test_a_leader_that_had_nothing_is_not_asked_again_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service, meta, asked, answers = node_with_fake_leaders(monkeypatch)
     assert await service._consume_remote(meta, "g", "c", 10, 1000) == []
     assert sorted(asked) == ["n2", "n3"]
     assert await service._consume_remote(meta, "g", "c", 10, 1000) == []
@@ -133,14 +143,7 @@ async def test_a_leader_that_had_nothing_is_not_asked_again_at_once(
 async def test_the_empty_marks_of_many_groups_do_not_pile_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    service = node_of_a_queue_led_elsewhere()
-    meta = service.meta.get("q")
-    assert meta is not None
-
-    async def rpc(node: str, name: str, body: dict[str, Any], timeout: float = 1.0) -> Any:
-        return 200, []
-
-    monkeypatch.setattr(service, "_rpc", rpc)
+    service, meta, _, _ = node_with_fake_leaders(monkeypatch)
     sizes = []
     for rounds in range(3):
         for i in range(1500):

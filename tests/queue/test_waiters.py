@@ -7,6 +7,9 @@ that did get a message mostly returned it alone."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
+
+import pytest
 
 from service.metrics import NodeMetrics
 from service.queue.replica import PartitionReplica
@@ -70,41 +73,49 @@ async def leading(service: QueueService) -> PartitionReplica:
     return replica
 
 
-async def test_one_new_message_wakes_one_consumer_and_the_rest_keep_waiting() -> None:
-    service = single_node_queue()
-    await leading(service)
-    consumers = [
-        asyncio.ensure_future(service.consume("q", "g", f"c{i}", 10, 1000, 5000))
-        for i in range(3)
+async def consumers_answered(
+    service: QueueService, consumers: int, max_messages: int, published: list[str]
+) -> list[list[str]]:
+    """Start `consumers` long polls on group g, publish one message per id, and return
+    the ids each answered poll got (the others are cancelled)."""
+    polls = [
+        asyncio.ensure_future(service.consume("q", "g", f"c{i}", max_messages, 1000, 5000))
+        for i in range(consumers)
     ]
     await settle()
-    assert service._message_waiters.waiting("q", "g") == 3
-    await service.publish_local("q", 0, [("m1", None, '"x"')])
+    assert service._message_waiters.waiting("q", "g") == consumers
+    await service.publish_local("q", 0, [(i, None, '"x"') for i in published])
+    await settle(20)
+    answered = [[d.id for d in poll.result()] for poll in polls if poll.done()]
+    for poll in polls:
+        poll.cancel()
     await settle()
-    done = [c for c in consumers if c.done()]
-    assert len(done) == 1 and [d.id for d in done[0].result()] == ["m1"]
-    assert service._message_waiters.waiting("q", "g") == 2  # not woken for nothing
-    for c in consumers:
-        c.cancel()
-    await settle()
+    return answered
+
+
+async def test_one_new_message_wakes_one_consumer_and_the_rest_keep_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service = single_node_queue()
+    await leading(service)
+    looks = 0
+    consume_local = service.consume_local
+
+    def counted(*args: Any) -> Any:
+        nonlocal looks
+        looks += 1
+        return consume_local(*args)
+
+    monkeypatch.setattr(service, "consume_local", counted)
+    assert await consumers_answered(service, 3, 10, ["m1"]) == [["m1"]]
+    assert looks == 3 + 1  # each looked once before waiting; only the woken one again
 
 
 async def test_a_consumer_that_fills_its_batch_wakes_the_next() -> None:
     service = single_node_queue()
     await leading(service)
-    consumers = [
-        asyncio.ensure_future(service.consume("q", "g", f"c{i}", 1, 1000, 5000))
-        for i in range(3)
-    ]
-    await settle()
-    await service.publish_local("q", 0, [("m1", None, '"x"'), ("m2", None, '"y"')])
-    await settle(20)
-    done = [c for c in consumers if c.done()]
-    assert sorted(d.id for c in done for d in c.result()) == ["m1", "m2"]
-    assert len(done) == 2
-    for c in consumers:
-        c.cancel()
-    await settle()
+    answered = await consumers_answered(service, 3, 1, ["m1", "m2"])
+    assert sorted(answered) == [["m1"], ["m2"]]
 
 
 async def test_every_group_gets_the_new_message() -> None:
