@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import httptools  # type: ignore[import-untyped]
 
+from service.transport.sessions import client_session
+
 CLIENT_KINDS = ("lean", "aiohttp")
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
@@ -65,7 +67,9 @@ def _failure(code: str, started: float) -> tuple[int, dict[str, Any], float]:
 class AiohttpClient:
     def __init__(self, base_url: str, limit: int) -> None:
         connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit)
-        self._session = aiohttp.ClientSession(base_url=base_url, connector=connector)
+        # Like the nodes' own sessions: a release (DELETE) is never sent twice behind
+        # the driver's back, so what it counts is what it sent.
+        self._session = client_session(base_url=base_url, connector=connector)
 
     async def request(
         self, method: str, path: str, body: Any, timeout: float

@@ -54,6 +54,7 @@ import aiohttp
 
 from service.cluster import LocalCluster, cluster_ports, port_free
 from service.config import REDIS_PORT_OFFSET
+from service.transport.sessions import client_session
 
 __all__ = ["Grant", "HistoryCheck", "check_history", "run_drill"]
 
@@ -479,7 +480,7 @@ class _Drill:
 
     async def run(self) -> bool:
         connector = aiohttp.TCPConnector(limit=self.clients * 2 + 16, limit_per_host=0)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        async with client_session(connector=connector) as session:
             self.session = session
             return await self._run()
 

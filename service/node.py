@@ -15,7 +15,6 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
@@ -45,6 +44,7 @@ from service.storage.redis_store import RedisRaftStorage, RedisStateStore
 from service.transport.calls import CallBatcher
 from service.transport.forward import LeaderClient
 from service.transport.http import HttpTransport
+from service.transport.sessions import client_session
 
 log = logging.getLogger("dsync.node")
 
@@ -304,7 +304,7 @@ class Node:
         assert self.redis is not None and self.storage is not None
         marked = bool(await self.redis.exists(REJOIN_KEY))
         if fresh and self.peer_urls:
-            async with aiohttp.ClientSession() as session:
+            async with client_session() as session:
                 floor = await term_floor(
                     self.peer_urls, functools.partial(ask_health, session)
                 )

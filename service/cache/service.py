@@ -85,6 +85,7 @@ from service.raft.runner import RaftRunner
 from service.statemachine import Command, StateMachine
 from service.transport.calls import CallBatcher
 from service.transport.http import FROM_HEADER, SECRET_HEADER
+from service.transport.sessions import client_session
 
 log = logging.getLogger("dsync.cache")
 
@@ -175,7 +176,7 @@ class CacheService:
     def attach(self, runner: RaftRunner) -> None:
         self.runner = runner
         self.members = tuple(sorted(runner.core.voters))
-        self._session = aiohttp.ClientSession(
+        self._session = client_session(
             connector=aiohttp.TCPConnector(limit=64, limit_per_host=8),
             timeout=aiohttp.ClientTimeout(total=RPC_TIMEOUT_SECONDS),
         )

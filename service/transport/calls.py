@@ -30,6 +30,7 @@ import msgpack
 
 from service.transport.forward import ForwardError
 from service.transport.http import FROM_HEADER, SECRET_HEADER
+from service.transport.sessions import client_session
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ class CallBatcher:
         session = self._sessions.get(lane)
         if session is None:
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=self._limit(lane))
-            session = self._sessions[lane] = aiohttp.ClientSession(connector=connector)
+            session = self._sessions[lane] = client_session(connector=connector)
         return session
 
 

@@ -28,6 +28,7 @@ from tenacity import (
 
 from service.raft.messages import NodeId
 from service.transport.http import FROM_HEADER, SECRET_HEADER
+from service.transport.sessions import client_session
 
 log = logging.getLogger(__name__)
 
@@ -267,5 +268,5 @@ class LeaderClient:
         # node constructs this client before it starts serving.
         if self._session is None:
             connector = aiohttp.TCPConnector(limit_per_host=self._connections_per_host)
-            self._session = aiohttp.ClientSession(connector=connector)
+            self._session = client_session(connector=connector)
         return self._session

@@ -38,6 +38,7 @@ from service.transport.protocols import (
     OnMessages,
     TransportStats,
 )
+from service.transport.sessions import client_session
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ class HttpTransport:
         # a couple of connections per peer is enough because each sender has at most
         # one request in flight, and the spare covers a connection being torn down.
         connector = aiohttp.TCPConnector(limit_per_host=self._connections_per_peer)
-        self._session = aiohttp.ClientSession(
+        self._session = client_session(
             connector=connector,
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=self._request_timeout),
