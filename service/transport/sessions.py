@@ -9,9 +9,10 @@ The resend broke a promise. A follower forwarded a client's PUT to the leader ov
 kept-alive connection; the leader appended it to its log and was killed before
 answering. aiohttp's resend then found the leader's port closed and raised a connection
 error, which says "never sent". So the forwarding layer sent the PUT again to the next
-leader, and the write was applied twice. This happened in every leader-kill run
-(tests/integration/test_raft_process.py now checks for it), and once broke the
-linearizability check.
+leader, and the write was applied twice. It happened in each of four leader kills
+under a write-only load, and in about half of the leader-kill history tests
+(tests/integration/test_raft_process.py now checks the log for it); once it broke the
+test's linearizability check.
 
 A session made here reports such a failure as it is: the request was sent, and the
 outcome is unknown. aiohttp has no public switch for this (aio-libs/aiohttp#10790), so
