@@ -393,7 +393,7 @@ class QueueService(ReplicationMixin, ControlMixin):
             )
             out = local()
             if len(out) >= max_messages:
-                self._message_waiters.notify(queue)  # there may be more: the next one
+                self._message_waiters.pass_on(queue, group)  # there may be more
             now = loop.time()
             if not out and (now >= next_remote or now >= deadline):
                 out = await remote()

@@ -5,8 +5,8 @@ with a dozen consumers on a node each publish woke all of them: one took the mes
 the others scanned the partitions, found nothing and went back to waiting, and those
 that got one returned it alone. Now messages arriving for a queue wake the consumer of
 each group that has waited longest, once per loop turn however many partitions got
-messages in it; a consumer that fills its batch wakes the next (`notify` again), so a
-burst still spreads over as many consumers as it needs.
+messages in it; a consumer that fills its batch wakes the next of its group (`pass_on`),
+so a burst still spreads over as many consumers as it needs.
 
 A wake-up that finds no one waiting is not kept: a consumer looks for messages before
 it waits, and waits in slices (LONG_POLL_SLICE_SECONDS) that end with another look.
@@ -51,14 +51,17 @@ class MessageWaiters:
         self._wake_scheduled.add(queue)
         asyncio.get_running_loop().call_soon(self._wake, queue)
 
+    def pass_on(self, queue: str, group: str) -> None:
+        """A consumer of `group` filled its batch: there may be more for the next one of
+        that group (the other groups were woken for these messages already)."""
+        line = self._waiting.get(queue, {}).get(group)
+        if line:
+            _wake_first(line)
+
     def _wake(self, queue: str) -> None:
         self._wake_scheduled.discard(queue)
         for line in list(self._waiting.get(queue, {}).values()):
-            while line:
-                future = line.popleft()
-                if not future.done():
-                    future.set_result(None)
-                    break
+            _wake_first(line)
 
     def _drop_if_empty(self, queue: str, group: str) -> None:
         groups = self._waiting.get(queue)
@@ -68,6 +71,14 @@ class MessageWaiters:
             del groups[group]
         if not groups:
             del self._waiting[queue]
+
+
+def _wake_first(line: deque[asyncio.Future[None]]) -> None:
+    while line:
+        future = line.popleft()
+        if not future.done():
+            future.set_result(None)
+            return
 
 
 def _settle(future: asyncio.Future[None]) -> None:

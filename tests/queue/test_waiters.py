@@ -46,6 +46,20 @@ async def test_a_notify_wakes_the_longest_waiting_consumer_of_each_group() -> No
     assert waiters.waiting("r", "g") == 0 and not waiters._waiting
 
 
+async def test_a_full_batch_passes_on_to_the_next_consumer_of_its_own_group_only() -> None:
+    waiters = MessageWaiters()
+    mine = asyncio.ensure_future(waiters.wait("q", "g", 5))
+    other_group = asyncio.ensure_future(waiters.wait("q", "h", 5))
+    await settle()
+    waiters.pass_on("q", "g")
+    waiters.pass_on("q", "nobody-waits")  # nothing to do, nothing kept
+    await settle()
+    assert mine.done() and not other_group.done()
+    other_group.cancel()
+    await settle()
+    assert not waiters._waiting
+
+
 async def test_a_wait_ends_at_its_timeout_and_leaves_the_line() -> None:
     waiters = MessageWaiters()
     started = asyncio.get_running_loop().time()
