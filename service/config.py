@@ -631,7 +631,9 @@ async def _over_http(ask_all: Callable[[FetchNodeId], Awaitable[list[str]]]) -> 
     # pay for importing aiohttp.
     import aiohttp
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
+    from service.transport.sessions import client_session
+
+    async with client_session(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
 
         async def fetch(url: str) -> str:
             try:

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -106,3 +107,15 @@ async def test_a_forward_to_a_leader_killed_mid_request_is_maybe_applied(method:
     # Before the fix: maybe_applied False ("never sent"), and the caller sent it on.
     assert caught.value.maybe_applied
     assert leader.writes == [method.encode()]
+
+
+def test_the_node_makes_its_sessions_only_through_client_session() -> None:
+    """A session made directly would bring the resend back unnoticed."""
+    root = Path(__file__).resolve().parents[2]
+    direct = [
+        str(path.relative_to(root))
+        for folder in ("service", "benchmarks")
+        for path in sorted((root / folder).rglob("*.py"))
+        if path.name != "sessions.py" and "ClientSession(" in path.read_text()
+    ]
+    assert direct == []
