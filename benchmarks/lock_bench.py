@@ -3,6 +3,7 @@
     python benchmarks/lock_bench.py --nodes 3 --clients 64 --seconds 20 --mode uncontended
     python benchmarks/lock_bench.py --mode contended --names 4 --wait-ms 10000
     python benchmarks/lock_bench.py --url http://127.0.0.1:8001,http://127.0.0.1:8002,...
+    python benchmarks/lock_bench.py --rate 1200    # an offered load instead of a closed loop
 
 Without --url it starts its own local cluster (service.cluster.LocalCluster, real node
 processes with their own redis-server, on a free base port on 127.0.0.1, data in a
@@ -16,7 +17,9 @@ the HTTP client; benchmarks/http_client.py).
 
 Prints cycles/s (a cycle is an acquire and its release, both answered 200), acquire and
 release latency percentiles, and error counts by code. Only operations that finish inside
-the measured window (after --warmup) are counted.
+the measured window (after --warmup) are counted. With --rate the clients start cycles on
+a fixed schedule (benchmarks/common.py Schedule) and the acquire latency counts from when
+a cycle was due, so a client that fell behind shows it.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
 from benchmarks.common import (  # noqa: E402
+    Schedule,
     Window,
     add_http_client_argument,
     latency_line,
@@ -87,6 +91,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="send every request to the leader (measures what forwarding costs)",
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="per request (s)")
+    parser.add_argument(
+        "--rate", type=float, default=None,
+        help="offered load in cycles/s over all clients (default: closed loop); acquire "
+        "latency then counts from when the cycle was due",
+    )
     add_http_client_argument(parser)
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= 4096:
@@ -97,6 +106,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--nodes must be 1 to 9")
     if args.names < 1:
         parser.error("--names must be at least 1")
+    if args.rate is not None and not 0 < args.rate <= 1_000_000:
+        parser.error("--rate must be in (0, 1000000] cycles/s")
     return args
 
 
@@ -112,6 +123,7 @@ class Bench:
         self.clients: list[JsonClient] = []
         self.window = Window(0.0, 0.0)
         self.stop_at = 0.0
+        self.schedules: list[Schedule | None] = [None] * args.clients
 
     async def request(
         self, node: int, method: str, path: str, body: dict[str, Any], timeout: float
@@ -135,9 +147,13 @@ class Bench:
         contended = args.mode == "contended"
         wait_ms = args.wait_ms if contended else 0
         timeout = args.timeout + wait_ms / 1000
-        for _ in range(MAX_CYCLES_PER_CLIENT):
-            if time.monotonic() >= self.stop_at:
+        schedule = self.schedules[cid]
+        for n in range(MAX_CYCLES_PER_CLIENT):
+            due = schedule.due(n) if schedule is not None else time.monotonic()
+            if due >= self.stop_at:
                 return
+            if due > time.monotonic():  # a client behind schedule goes at once
+                await asyncio.sleep(due - time.monotonic())
             name = (
                 f"bench-{self.run_id}-shared-{rng.randrange(args.names)}" if contended else own_name
             )
@@ -157,6 +173,8 @@ class Bench:
                 self.count_error("acquire", status, reply)
                 await asyncio.sleep(0.01 if status in (0, 429, 503) else 0.001)
                 continue
+            if schedule is not None:
+                seconds = time.monotonic() - due  # the wait for a late start counts too
             if measured:
                 self.results.acquire_ms.append(seconds * 1000)
             release: dict[str, Any] = {"owner": owner, "token": reply.get("token")}
@@ -183,6 +201,8 @@ class Bench:
             now = time.monotonic()
             self.window = Window(now + self.args.warmup, now + self.args.warmup + self.args.seconds)
             self.stop_at = self.window.end
+            if self.args.rate is not None:
+                self.schedules = [*Schedule.spread(now, self.args.rate, self.args.clients)]
             tasks = [asyncio.create_task(self.client(c)) for c in range(self.args.clients)]
             grace = self.args.warmup + self.args.seconds + self.args.timeout * 2 + 10
             grace += self.args.wait_ms / 1000 if self.args.mode == "contended" else 0
@@ -200,6 +220,9 @@ class Bench:
 
 
 def report(args: argparse.Namespace, urls: list[str], results: Results) -> None:
+    if args.rate is not None:
+        print(f"offered: {args.rate:g} cycles/s over {args.clients} clients; acquire latency "
+              "counts from when a cycle was due")
     rate = results.cycles / args.seconds
     print(f"cycles: {results.cycles} in {args.seconds:g} s = {rate:.1f} cycles/s", flush=True)
     print(latency_line("acquire", results.acquire_ms))

@@ -94,27 +94,33 @@ def test_disk_loss_drill_loses_nothing_and_the_node_rejoins(tmp_path: Path) -> N
     assert rejoined is not None and int(rejoined.group(1)) > 0
 
 
-@pytest.mark.slow
-def test_lock_bench_reports_throughput(cluster: LocalCluster) -> None:
+def run_lock_bench(cluster: LocalCluster, *extra: str) -> str:
     cluster.wait_for_leader(30)
     urls = ",".join(node.url for node in cluster.nodes)
     command = [
-        sys.executable,
-        "benchmarks/lock_bench.py",
-        "--url",
-        urls,
-        "--clients",
-        "8",
-        "--seconds",
-        "2",
-        "--warmup",
-        "0.3",
-    ]
+        sys.executable, "benchmarks/lock_bench.py", "--url", urls, "--clients", "8",
+        "--seconds", "2", "--warmup", "0.3", *extra,
+    ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
     print(done.stdout)
     print(done.stderr[-3000:])
     assert done.returncode == 0
-    rate = re.search(r"= ([0-9.]+) cycles/s", done.stdout)
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_lock_bench_reports_throughput(cluster: LocalCluster) -> None:
+    stdout = run_lock_bench(cluster)
+    rate = re.search(r"= ([0-9.]+) cycles/s", stdout)
     assert rate is not None and float(rate.group(1)) > 0
-    assert re.search(r"acquire: n=\d+ p50 [0-9.]+ ms, .*p99 [0-9.]+ ms", done.stdout)
-    assert re.search(r"release: n=\d+ p50 [0-9.]+ ms, .*p99 [0-9.]+ ms", done.stdout)
+    assert re.search(r"acquire: n=\d+ p50 [0-9.]+ ms, .*p99 [0-9.]+ ms", stdout)
+    assert re.search(r"release: n=\d+ p50 [0-9.]+ ms, .*p99 [0-9.]+ ms", stdout)
+
+
+@pytest.mark.slow
+def test_lock_bench_offers_a_fixed_rate_when_asked(cluster: LocalCluster) -> None:
+    stdout = run_lock_bench(cluster, "--rate", "100")
+    assert "offered: 100 cycles/s over 8 clients" in stdout
+    rate = re.search(r"= ([0-9.]+) cycles/s", stdout)
+    # Paced, not flat out: 100/s give or take a cycle per client at the window's edges.
+    assert rate is not None and 80 <= float(rate.group(1)) <= 105, stdout
