@@ -8,8 +8,15 @@ from aiohttp import web
 
 from service.api import cache, calls, cluster, kv, locks, queues
 from service.api.forwarding import NODE_KEY
-from service.api.http import MAX_BODY_KEY, METRICS_KEY, error_middleware, metrics_middleware
+from service.api.http import (
+    MAX_BODY_KEY,
+    METRICS_KEY,
+    STREAMS_KEY,
+    error_middleware,
+    metrics_middleware,
+)
 from service.transport.http import raft_routes
+from service.transport.streams import OpenStreams
 
 if TYPE_CHECKING:
     from service.node import Node
@@ -24,6 +31,13 @@ def create_app(node: Node) -> web.Application:
     app[NODE_KEY] = node
     app[METRICS_KEY] = node.metrics
     app[MAX_BODY_KEY] = node.settings.max_body_bytes
+    streams = app[STREAMS_KEY] = OpenStreams()
+
+    async def close_streams(_app: web.Application) -> None:
+        # Peers' sockets would hold the graceful shutdown for its whole timeout.
+        await streams.close_all()
+
+    app.on_shutdown.append(close_streams)
     app.add_routes(cluster.routes)
     app.add_routes(kv.routes)
     app.add_routes(locks.routes)

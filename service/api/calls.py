@@ -23,12 +23,12 @@ sending node's id, and returns `(status, body)` itself. Callers use
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 from aiohttp import web
 
 from service.api.errors import ApiError, error_body, error_response
@@ -41,11 +41,11 @@ from service.api.forwarding import (
     is_idempotent_body,
     wait_seconds,
 )
-from service.api.http import raft_error, read_internal_body
+from service.api.http import INTERNAL_MAX_BODY_BYTES, STREAMS_KEY, raft_error
 from service.raft.core import NotLeader
-from service.transport.calls import CALLS_PATH, CONTENT_TYPE
+from service.transport.calls import CALLS_PATH, serve_call_socket
 from service.transport.forward import ForwardError
-from service.transport.http import FROM_HEADER, SECRET_HEADER
+from service.transport.http import SECRET_HEADER
 
 if TYPE_CHECKING:
     from service.node import Node
@@ -58,7 +58,6 @@ PeerCall = Callable[["Node", str, dict[str, Any]], Awaitable[tuple[int, Any]]]
 
 # 421 Misdirected Request: "not the node that can answer this"; never reaches a client.
 NOT_LEADER = 421
-MAX_CALLS_PER_BATCH = 1024
 
 _CALLS: dict[str, LeaderCall] = {}
 _PEER_CALLS: dict[str, PeerCall] = {}
@@ -142,11 +141,10 @@ async def run_on_leader(
         return web.json_response(body, status=status)
 
 
-@routes.post(CALLS_PATH)
+@routes.get(CALLS_PATH)
 async def serve_calls(request: web.Request) -> web.StreamResponse:
-    """Run a batch of calls concurrently and stream each answer, `[i, status, body]`, as
-    soon as it is ready: a call must never wait for a slower one of its batch (a publish
-    waiting on replication must not hold back the replication it waits for)."""
+    """A peer's call socket (service/transport/calls.py): each batch's calls run
+    concurrently, each answer leaves as soon as it is ready."""
     node = request.app[NODE_KEY]
     secret = node.settings.cluster_secret
     if secret is not None:
@@ -155,42 +153,12 @@ async def serve_calls(request: web.Request) -> web.StreamResponse:
             return web.Response(status=401, text="bad cluster secret")
     if node.runner is None:
         return web.Response(status=503, text="node is starting")
-    try:
-        raw = await read_internal_body(request)
-    except ApiError as exc:
-        return web.Response(status=exc.status, text=exc.message)
-    try:
-        batch = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-    except ValueError as exc:
-        return web.Response(status=400, text=f"malformed call batch: {exc}")
-    if not isinstance(batch, list) or len(batch) > MAX_CALLS_PER_BATCH:
-        return web.Response(status=400, text="a call batch is a list of [name, args]")
-    sender = request.headers.get(FROM_HEADER, "")
-    running = {
-        asyncio.ensure_future(_run_one(node, sender, call)): i for i, call in enumerate(batch)
-    }
-    response: web.StreamResponse | None = None
-    try:
-        while running:
-            # Everything finished by now leaves in one write.
-            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            frames = b"".join(
-                msgpack.packb([running.pop(task), *task.result()], use_bin_type=True)
-                for task in done
-            )
-            if response is None:
-                if not running:
-                    # The usual case, every call done at once: one plain response.
-                    return web.Response(body=frames, content_type=CONTENT_TYPE)
-                response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
-                await response.prepare(request)
-            await response.write(frames)
-    finally:
-        for task in running:
-            task.cancel()  # the caller is gone; its answers have nowhere to go
-    assert response is not None
-    await response.write_eof()
-    return response
+    return await serve_call_socket(
+        request,
+        functools.partial(_run_one, node),
+        request.app[STREAMS_KEY],
+        max_frame_bytes=INTERNAL_MAX_BODY_BYTES,
+    )
 
 
 async def _run_one(node: Node, sender: str, call: Any) -> tuple[int, Any]:

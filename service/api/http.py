@@ -14,6 +14,7 @@ from service.api.errors import ApiError, bad_request, error_response
 from service.metrics import NodeMetrics
 from service.raft.core import NotLeader, RaftError, TooManyPending, TransferInProgress
 from service.raft.runner import ProposalDropped, RunnerStopped
+from service.transport.streams import OpenStreams
 
 log = logging.getLogger("dsync.api")
 
@@ -21,6 +22,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 METRICS_KEY: web.AppKey[NodeMetrics] = web.AppKey("metrics", NodeMetrics)
 MAX_BODY_KEY: web.AppKey[int] = web.AppKey("max_body", int)
+# Peers' WebSockets served by this application, closed when it shuts down.
+STREAMS_KEY: web.AppKey[OpenStreams] = web.AppKey("streams", OpenStreams)
 
 
 # Node-to-node bodies (batched calls, cache messages) carry what clients sent and more: a

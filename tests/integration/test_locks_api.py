@@ -277,27 +277,40 @@ def _wait_until(predicate: Any, timeout: float) -> None:
 
 
 def _post_calls(c: LocalCluster, node: int, payload: bytes) -> tuple[int, Any]:
+    """Send one frame on a call socket to `node`: (200, [[status, body] per call in
+    order]) for a batch, (status, reason) for a batch refused whole, and (close code,
+    None) when the node closes the socket."""
+    import asyncio
     import io
-    import urllib.error
-    import urllib.request
 
+    import aiohttp
     import msgpack
 
-    from service.transport.calls import CALLS_PATH, CONTENT_TYPE
+    from service.transport.calls import CALLS_PATH
 
-    request = urllib.request.Request(
-        c.nodes[node].url + CALLS_PATH,
-        data=payload,
-        method="POST",
-        headers={"Content-Type": CONTENT_TYPE},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            # A stream of [index, status, body], in the order the calls finished.
-            frames = list(msgpack.Unpacker(io.BytesIO(response.read()), raw=False))
-            return response.status, [[s, b] for _, s, b in sorted(frames, key=lambda f: f[0])]
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+    async def exchange() -> tuple[int, Any]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(c.nodes[node].url + CALLS_PATH) as ws,
+        ):
+            await ws.send_bytes(payload)
+            answers: dict[int, list[Any]] = {}
+            while True:
+                message = await ws.receive(timeout=10)
+                if message.type is not aiohttp.WSMsgType.BINARY:
+                    return ws.close_code or 0, None
+                # Each answer is [batch, index, status, body], in the order they finished.
+                for _, index, status, body in msgpack.Unpacker(
+                    io.BytesIO(message.data), raw=False
+                ):
+                    if index is None:
+                        return status, body
+                    answers[index] = [status, body]
+                batch = msgpack.unpackb(payload, raw=False)[1]
+                if len(answers) == len(batch):
+                    return 200, [answers[i] for i in range(len(batch))]
+
+    return asyncio.run(exchange())
 
 
 def test_batched_leader_calls_run_only_on_the_leader(c: LocalCluster) -> None:
@@ -310,13 +323,14 @@ def test_batched_leader_calls_run_only_on_the_leader(c: LocalCluster) -> None:
     name = unique("batched")
     good = ["lock.acquire", {"name": name, "body": {"owner": "a"}, "rid": None}]
     bad = ["lock.acquire", {"name": name, "body": {"ttl_ms": 1000}, "rid": None}]
-    status, answers = _post_calls(c, follower, msgpack.packb([good]))
+    status, answers = _post_calls(c, follower, msgpack.packb([1, [good]]))
     assert status == 200 and answers[0][0] == 421
-    status, answers = _post_calls(c, leader, msgpack.packb([good, bad, ["no.such", {}], 7]))
+    status, answers = _post_calls(c, leader, msgpack.packb([2, [good, bad, ["no.such", {}], 7]]))
     assert status == 200
     codes = [a[0] for a in answers]
     assert codes == [200, 400, 400, 400], answers
     assert answers[0][1]["owner"] == "a" and answers[0][1]["token"] > 0
     assert "owner" in answers[1][1]["error"]["message"]
-    assert _post_calls(c, leader, b"\xc1not msgpack")[0] == 400
+    assert _post_calls(c, leader, msgpack.packb([3, "not a list"]))[0] == 400
+    assert _post_calls(c, leader, b"\xc1not msgpack") == (1003, None)  # closed: unsupported data
     assert release(c, follower, name, "a", answers[0][1]["token"])[0] == 200

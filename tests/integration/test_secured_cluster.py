@@ -79,13 +79,17 @@ def test_cache_across_nodes(secured: LocalCluster) -> None:
     assert (status, body.get("value")) == (200, "v1"), body
 
 
-@pytest.mark.parametrize("path", [CALLS_PATH, RAFT_PATH, "/internal/v1/cache/messages"])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", CALLS_PATH), ("POST", RAFT_PATH), ("POST", "/internal/v1/cache/messages")],
+)
 def test_node_to_node_routes_refuse_a_request_without_the_secret(
-    secured: LocalCluster, path: str
+    secured: LocalCluster, method: str, path: str
 ) -> None:
+    # A GET is a call socket's opening handshake: refused before it is upgraded.
     request = urllib.request.Request(
-        secured.nodes[0].url + path, data=b"\x90", method="POST",
-        headers={"Content-Type": "application/x-msgpack"},
+        secured.nodes[0].url + path, data=b"\x90" if method == "POST" else None,
+        method=method, headers={"Content-Type": "application/x-msgpack"},
     )  # fmt: skip
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=5)

@@ -1,5 +1,7 @@
-"""CallBatcher: calls queued in one loop turn leave as one request, answers come back in
-order, and a failure says whether any call in the batch may have run."""
+"""CallBatcher: calls queued in one loop turn leave as one frame on the peer's socket,
+answers come back as they finish, and a failure says whether any call in the batch may
+have run. The stand-in peer below speaks the frames by hand so it can misbehave; the
+tests at the end run the real peer side, `serve_call_socket`."""
 
 from __future__ import annotations
 
@@ -7,72 +9,91 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import msgpack
 import pytest
 from aiohttp import web
 
-from service.transport.calls import CALLS_PATH, CONTENT_TYPE, CallBatcher
+from service.transport.calls import CALLS_PATH, CallBatcher, serve_call_socket
 from service.transport.forward import ForwardError
 from service.transport.http import FROM_HEADER, SECRET_HEADER
+from service.transport.streams import OpenStreams
 from tests.transport.test_forward import free_port
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-BATCH: web.RequestKey[list[Any]] = web.RequestKey("batch", list)
+# (peer, socket, batch id, calls) -> None: answers (or not) on the socket.
+Handler = Callable[["Peer", web.WebSocketResponse, int, list[Any]], Awaitable[None]]
 
 
 class Peer:
-    """A stand-in leader: records every batch it is sent and answers through handler."""
+    """A stand-in peer: records every batch it is sent and answers through handler."""
 
     def __init__(self) -> None:
         self.handler: Handler | None = None
+        self.refuse_with: int | None = None  # refuse the socket itself with this status
         self.batches: list[list[Any]] = []
         self.headers: list[dict[str, str]] = []
         self.runner: web.AppRunner | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.sockets: set[web.WebSocketResponse] = set()
         self.url = ""
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
-        request[BATCH] = msgpack.unpackb(await request.read(), raw=False)
-        self.batches.append(request[BATCH])
         self.headers.append(dict(request.headers))
-        assert self.handler is not None
-        return await self.handler(request)
+        if self.refuse_with is not None:
+            return web.Response(status=self.refuse_with, text="refused")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.sockets.add(ws)
+        async for message in ws:
+            batch_id, calls = msgpack.unpackb(message.data, raw=False)
+            self.batches.append(calls)
+            assert self.handler is not None
+            # Each batch answered on its own, as the real peer does.
+            task = asyncio.ensure_future(self.handler(self, ws, batch_id, calls))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return ws
 
     async def start(self) -> None:
         app = web.Application()
-        app.router.add_post(CALLS_PATH, self._serve)
+        app.router.add_get(CALLS_PATH, self._serve)
         self.runner = web.AppRunner(app, shutdown_timeout=0.5)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", 0).start()
         self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
 
     async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for ws in self.sockets:
+            await ws.close()
         if self.runner is not None:
             await self.runner.cleanup()
 
 
-def _echo(peer: Peer) -> Handler:
-    async def handler(request: web.Request) -> web.Response:
-        batch = request[BATCH]
-        frames = [msgpack.packb([i, 200, {"call": name, "n": args["n"]}])
-                  for i, (name, args) in enumerate(batch)]
-        return web.Response(body=b"".join(frames), content_type=CONTENT_TYPE)
-
-    return handler
+def answer(batch_id: int, index: int | None, status: int, body: Any) -> bytes:
+    return msgpack.packb([batch_id, index, status, body])
 
 
-def _echo_after(wait: Callable[[], Awaitable[object]]) -> Callable[[Peer], Handler]:
+async def _echo(peer: Peer, ws: web.WebSocketResponse, batch_id: int, calls: list[Any]) -> None:
+    await ws.send_bytes(
+        b"".join(
+            answer(batch_id, i, 200, {"call": name, "n": args["n"]})
+            for i, (name, args) in enumerate(calls)
+        )
+    )
+
+
+def _echo_after(wait: Callable[[], Awaitable[object]]) -> Handler:
     """Echo, but only once `wait()` returns (an event set, a delay run out)."""
 
-    def factory(peer: Peer) -> Handler:
-        echo = _echo(peer)
+    async def handler(
+        peer: Peer, ws: web.WebSocketResponse, batch_id: int, calls: list[Any]
+    ) -> None:
+        await wait()
+        await _echo(peer, ws, batch_id, calls)
 
-        async def handler(request: web.Request) -> web.StreamResponse:
-            await wait()
-            return await echo(request)
-
-        return handler
-
-    return factory
+    return handler
 
 
 @pytest.fixture
@@ -94,9 +115,9 @@ async def peers() -> AsyncIterator[list[Peer]]:
             await peer.stop()
 
 
-async def _peer(peers: list[Peer], handler: Callable[[Peer], Handler] = _echo) -> Peer:
+async def _peer(peers: list[Peer], handler: Handler = _echo) -> Peer:
     peer = Peer()
-    peer.handler = handler(peer)
+    peer.handler = handler
     await peer.start()
     peers.append(peer)
     return peer
@@ -138,13 +159,8 @@ async def test_an_unreachable_peer_means_never_applied(batcher: CallBatcher) -> 
 async def test_a_connection_dropped_after_sending_means_maybe_applied(
     batcher: CallBatcher, peers: list[Peer]
 ) -> None:
-    def drop(peer: Peer) -> Handler:
-        async def handler(request: web.Request) -> web.StreamResponse:
-            assert request.transport is not None
-            request.transport.close()
-            return web.Response()
-
-        return handler
+    async def drop(peer: Peer, ws: web.WebSocketResponse, batch_id: int, calls: list[Any]) -> None:
+        await ws.close()
 
     peer = await _peer(peers, drop)
     calls = [batcher.call(peer.url, "op", {"n": i}) for i in range(3)]
@@ -152,33 +168,80 @@ async def test_a_connection_dropped_after_sending_means_maybe_applied(
     assert all(isinstance(o, ForwardError) and o.maybe_applied for o in outcomes), outcomes
 
 
-async def test_a_refused_batch_ran_nothing(batcher: CallBatcher, peers: list[Peer]) -> None:
-    def refuse(peer: Peer) -> Handler:
-        async def handler(request: web.Request) -> web.StreamResponse:
-            return web.Response(status=401, text="bad cluster secret")
+@pytest.mark.parametrize("status", [401, 503])
+async def test_a_refused_socket_ran_nothing(
+    batcher: CallBatcher, peers: list[Peer], status: int
+) -> None:
+    peer = await _peer(peers)
+    peer.refuse_with = status
+    with pytest.raises(ForwardError) as caught:
+        await batcher.call(peer.url, "op", {"n": 1})
+    assert caught.value.maybe_applied is False
+    assert str(status) in str(caught.value)
 
-        return handler
+
+@pytest.mark.parametrize(("status", "maybe_applied"), [(400, False), (503, False), (500, True)])
+async def test_a_batch_refused_as_a_whole_ran_nothing_unless_the_peer_failed(
+    batcher: CallBatcher, peers: list[Peer], status: int, maybe_applied: bool
+) -> None:
+    async def refuse(
+        peer: Peer, ws: web.WebSocketResponse, batch_id: int, calls: list[Any]
+    ) -> None:
+        await ws.send_bytes(answer(batch_id, None, status, "no"))
 
     peer = await _peer(peers, refuse)
     with pytest.raises(ForwardError) as caught:
         await batcher.call(peer.url, "op", {"n": 1})
-    assert caught.value.maybe_applied is False
+    assert caught.value.maybe_applied is maybe_applied
+    # The socket stays open for the next batch.
+    peer.handler = _echo
+    assert await batcher.call(peer.url, "op", {"n": 2}) == (200, {"call": "op", "n": 2})
+    assert len(peer.headers) == 1
 
 
-@pytest.mark.parametrize("answer", [b"", msgpack.packb([5, 200, {}]), msgpack.packb([200, {}])])
-async def test_a_missing_or_malformed_answer_is_an_unknown_outcome(
-    batcher: CallBatcher, peers: list[Peer], answer: bytes
+@pytest.mark.parametrize(
+    "frame",
+    [b"\xc1", msgpack.packb([1, 5, 200, {}]), msgpack.packb([200, {}]), "text"],
+    ids=["not-msgpack", "index-out-of-range", "not-an-answer", "text-frame"],
+)
+async def test_a_malformed_answer_is_an_unknown_outcome_and_a_new_socket_follows(
+    batcher: CallBatcher, peers: list[Peer], frame: bytes | str
 ) -> None:
-    def short(peer: Peer) -> Handler:
-        async def handler(request: web.Request) -> web.StreamResponse:
-            return web.Response(body=answer, content_type=CONTENT_TYPE)
+    async def malformed(
+        peer: Peer, ws: web.WebSocketResponse, batch_id: int, calls: list[Any]
+    ) -> None:
+        if isinstance(frame, str):
+            await ws.send_str(frame)
+        else:
+            await ws.send_bytes(frame)
 
-        return handler
-
-    peer = await _peer(peers, short)
+    peer = await _peer(peers, malformed)
     with pytest.raises(ForwardError) as caught:
         await batcher.call(peer.url, "op", {"n": 1})
     assert caught.value.maybe_applied is True
+    peer.handler = _echo
+    assert await batcher.call(peer.url, "op", {"n": 2}) == (200, {"call": "op", "n": 2})
+    assert len(peer.headers) == 2  # the broken socket was replaced
+
+
+async def test_an_unanswered_batch_times_out_as_an_unknown_outcome(peers: list[Peer]) -> None:
+    async def silent(
+        peer: Peer, ws: web.WebSocketResponse, batch_id: int, calls: list[Any]
+    ) -> None:
+        return None
+
+    batcher = CallBatcher("n2", timeout=0.2)
+    try:
+        peer = await _peer(peers, silent)
+        with pytest.raises(ForwardError) as caught:
+            await batcher.call(peer.url, "op", {"n": 1})
+        assert caught.value.maybe_applied is True
+        # A late answer for the abandoned batch is ignored; the socket serves on.
+        peer.handler = _echo
+        assert await batcher.call(peer.url, "op", {"n": 2}) == (200, {"call": "op", "n": 2})
+        assert batcher.open_streams() == 1
+    finally:
+        await batcher.close()
 
 
 async def test_answers_stream_in_as_they_finish(batcher: CallBatcher, peers: list[Peer]) -> None:
@@ -186,17 +249,12 @@ async def test_answers_stream_in_as_they_finish(batcher: CallBatcher, peers: lis
     on replication would otherwise hold back the replication it waits for)."""
     release = asyncio.Event()
 
-    def second_first(peer: Peer) -> Handler:
-        async def handler(request: web.Request) -> web.StreamResponse:
-            response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
-            await response.prepare(request)
-            await response.write(msgpack.packb([1, 200, "fast"]))
-            await release.wait()
-            await response.write(msgpack.packb([0, 200, "slow"]))
-            await response.write_eof()
-            return response
-
-        return handler
+    async def second_first(
+        peer: Peer, ws: web.WebSocketResponse, batch_id: int, calls: list[Any]
+    ) -> None:
+        await ws.send_bytes(answer(batch_id, 1, 200, "fast"))
+        await release.wait()
+        await ws.send_bytes(answer(batch_id, 0, 200, "slow"))
 
     peer = await _peer(peers, second_first)
     slow = asyncio.ensure_future(batcher.call(peer.url, "op", {"n": 0}))
@@ -211,17 +269,10 @@ async def test_answers_stream_in_as_they_finish(batcher: CallBatcher, peers: lis
 async def test_a_connection_lost_midway_keeps_the_answers_already_received(
     batcher: CallBatcher, peers: list[Peer]
 ) -> None:
-    def half(peer: Peer) -> Handler:
-        async def handler(request: web.Request) -> web.StreamResponse:
-            response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
-            await response.prepare(request)
-            await response.write(msgpack.packb([0, 200, "done"]))
-            await asyncio.sleep(0.05)
-            assert request.transport is not None
-            request.transport.close()
-            return response
-
-        return handler
+    async def half(peer: Peer, ws: web.WebSocketResponse, batch_id: int, calls: list[Any]) -> None:
+        await ws.send_bytes(answer(batch_id, 0, 200, "done"))
+        await asyncio.sleep(0.05)
+        await ws.close()
 
     peer = await _peer(peers, half)
     first = batcher.call(peer.url, "op", {"n": 0})
@@ -229,6 +280,27 @@ async def test_a_connection_lost_midway_keeps_the_answers_already_received(
     got = await asyncio.gather(first, second, return_exceptions=True)
     assert got[0] == (200, "done")
     assert isinstance(got[1], ForwardError) and got[1].maybe_applied
+
+
+async def test_a_peer_killed_with_batches_out_fails_them_all(peers: list[Peer]) -> None:
+    """Batches of several lanes wait on the peer; it dies: each is an unknown outcome,
+    at once rather than at its timeout."""
+    hold = asyncio.Event()
+    batcher = CallBatcher("n2", timeout=30.0)
+    try:
+        peer = await _peer(peers, _echo_after(hold.wait))
+        calls = [
+            asyncio.ensure_future(batcher.call(peer.url, "op", {"n": i}, lane=lane))
+            for i, lane in enumerate(["default", "wait", "default"])
+        ]
+        await asyncio.sleep(0.1)
+        assert batcher.open_streams() == 2
+        await peer.stop()
+        outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+        assert all(isinstance(o, ForwardError) and o.maybe_applied for o in outcomes), outcomes
+        assert batcher.open_streams() == 0
+    finally:
+        await batcher.close()
 
 
 async def test_args_msgpack_cannot_carry_fail_alone(
@@ -246,15 +318,7 @@ async def test_close_fails_queued_calls_instead_of_leaving_them_hanging(
 ) -> None:
     batcher = CallBatcher("n2", timeout=5.0, max_in_flight=1)
     hold = asyncio.Event()
-
-    def stuck(peer: Peer) -> Handler:
-        async def handler(request: web.Request) -> web.StreamResponse:
-            await hold.wait()
-            return web.Response()
-
-        return handler
-
-    peer = await _peer(peers, stuck)
+    peer = await _peer(peers, _echo_after(hold.wait))
     calls = [asyncio.ensure_future(batcher.call(peer.url, "op", {"n": i})) for i in range(3)]
     await asyncio.sleep(0.1)
     await asyncio.wait_for(batcher.close(), 2)
@@ -271,15 +335,12 @@ async def test_lanes_have_their_own_in_flight_limit(
     """With the default lane's one batch stuck, a call on another lane still goes."""
     release = asyncio.Event()
 
-    def stuck_unless_replication(peer: Peer) -> Handler:
-        echo = _echo(peer)
-
-        async def handler(request: web.Request) -> web.StreamResponse:
-            if request[BATCH][0][0] != "replicate":
-                await release.wait()
-            return await echo(request)
-
-        return handler
+    async def stuck_unless_replication(
+        peer: Peer, ws: web.WebSocketResponse, batch_id: int, calls: list[Any]
+    ) -> None:
+        if calls[0][0] != "replicate":
+            await release.wait()
+        await _echo(peer, ws, batch_id, calls)
 
     peer = await _peer(peers, stuck_unless_replication)
     publish = asyncio.ensure_future(batcher.call(peer.url, "publish", {"n": 0}))
@@ -337,3 +398,158 @@ async def test_a_lane_may_have_its_own_in_flight_limit(peers: list[Peer]) -> Non
         await batcher.close()
     with pytest.raises(ValueError):
         CallBatcher("n2", lane_limits={"wait": 0})
+
+
+async def test_one_socket_per_peer_and_lane_is_opened_once_and_reused(
+    peers: list[Peer],
+) -> None:
+    batcher = CallBatcher("n2")
+    try:
+        peer = await _peer(peers)
+        for _ in range(3):
+            await asyncio.gather(
+                *(batcher.call(peer.url, "op", {"n": i}, lane=lane)
+                  for i in range(10) for lane in ("default", "wait"))
+            )  # fmt: skip
+        assert len(peer.headers) == 2
+        assert len(peer.batches) == 6
+    finally:
+        await batcher.close()
+
+
+# --- the real peer side ------------------------------------------------------------------
+
+
+class Server:
+    """serve_call_socket behind an application, running calls through `run`."""
+
+    def __init__(self, run: Callable[[str, Any], Awaitable[tuple[int, Any]]]) -> None:
+        self.streams = OpenStreams()
+        self.run = run
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        return await serve_call_socket(request, self.run, self.streams, max_frame_bytes=1 << 20)
+
+    async def __aenter__(self) -> Server:
+        app = web.Application()
+        app.router.add_get(CALLS_PATH, self._serve)
+
+        async def close_streams(_app: web.Application) -> None:
+            await self.streams.close_all()
+
+        app.on_shutdown.append(close_streams)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+async def test_the_peer_side_runs_calls_concurrently_and_answers_each_when_ready() -> None:
+    release = asyncio.Event()
+    seen: list[tuple[str, Any]] = []
+
+    async def run(sender: str, call: Any) -> tuple[int, Any]:
+        seen.append((sender, call))
+        name, args = call
+        if name == "slow":
+            await release.wait()
+        if name == "boom":
+            raise RuntimeError("a bug")
+        if name == "odd":
+            return 200, {1j}  # msgpack cannot carry it
+        return 200, {"n": args["n"]}
+
+    batcher = CallBatcher("n2", timeout=5.0)
+    try:
+        async with Server(run) as server:
+            slow = asyncio.ensure_future(batcher.call(server.url, "slow", {"n": 0}))
+            fast = [asyncio.ensure_future(batcher.call(server.url, "op", {"n": i}))
+                    for i in (1, 2)]  # fmt: skip
+            assert [await asyncio.wait_for(f, 2) for f in fast] == [
+                (200, {"n": 1}),
+                (200, {"n": 2}),
+            ]
+            assert not slow.done()
+            assert await batcher.call(server.url, "boom", {"n": 3}) == (
+                500, "internal error; see the node's log",
+            )  # fmt: skip
+            assert (await batcher.call(server.url, "odd", {"n": 4}))[0] == 500
+            release.set()
+            assert await asyncio.wait_for(slow, 2) == (200, {"n": 0})
+            assert {sender for sender, _ in seen} == {"n2"}
+    finally:
+        await batcher.close()
+
+
+async def test_the_peer_side_refuses_a_malformed_batch_and_closes_on_garbage() -> None:
+    async def run(sender: str, call: Any) -> tuple[int, Any]:
+        return 200, call
+
+    async with (
+        Server(run) as server,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(server.url + CALLS_PATH) as ws,
+    ):
+        await ws.send_bytes(msgpack.packb([7, "not a list"]))
+        reply = msgpack.unpackb((await ws.receive(timeout=2)).data, raw=False)
+        assert reply == [7, None, 400, "a call batch is a list of [name, args]"]
+        await ws.send_bytes(msgpack.packb([8, [["x", {}]]]))
+        assert msgpack.unpackb((await ws.receive(timeout=2)).data, raw=False) == [
+                8, 0, 200, ["x", {}],
+            ]  # fmt: skip
+        await ws.send_bytes(b"\xc1")
+        closing = await ws.receive(timeout=2)
+        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == aiohttp.WSCloseCode.UNSUPPORTED_DATA
+
+
+async def test_calls_still_running_are_cancelled_when_the_caller_goes() -> None:
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def run(sender: str, call: Any) -> tuple[int, Any]:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return 200, None
+
+    batcher = CallBatcher("n2", timeout=30.0)
+    async with Server(run) as server:
+        pending = asyncio.ensure_future(batcher.call(server.url, "op", {}))
+        await asyncio.wait_for(started.wait(), 2)
+        await batcher.close()
+        await asyncio.wait_for(cancelled.wait(), 2)
+        with pytest.raises(ForwardError):
+            await pending
+
+
+async def test_shutdown_closes_the_peer_sockets_at_once() -> None:
+    async def run(sender: str, call: Any) -> tuple[int, Any]:
+        return 200, None
+
+    batcher = CallBatcher("n2")
+    try:
+        server = Server(run)
+        await server.__aenter__()
+        assert await batcher.call(server.url, "op", {}) == (200, None)
+        assert len(server.streams) == 1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await server.__aexit__()
+        assert loop.time() - started < 5  # not aiohttp's 60 s graceful timeout
+        assert len(server.streams) == 0
+        with pytest.raises(ForwardError) as caught:
+            await batcher.call(server.url, "op", {})
+        assert caught.value.maybe_applied is False  # nobody listens: never sent
+    finally:
+        await batcher.close()
