@@ -1,23 +1,26 @@
-"""Raft peer transport over HTTP (aiohttp): msgpack batches POSTed to /raft/v1/messages.
+"""Raft peer transport over HTTP (aiohttp): msgpack batches on a WebSocket per peer.
 
-Client side: one ClientSession (keep-alive, few connections per peer) and one sender task
-per peer. Each sender drains everything queued for its peer into one request (group
-send), waits for the answer, then sends whatever queued meanwhile, so messages to one
-peer leave in order and a slow peer only ever delays its own queue.
+Client side: one sender task per peer keeps a WebSocket open to the peer's
+`RAFT_STREAM_PATH` and drains everything queued for the peer into one frame (group send)
+each time it wakes, so messages to one peer leave in order and a slow peer only ever
+delays its own queue. A frame costs both nodes far less than an HTTP request did (see
+streams.py); Raft needs no answer to a frame, since it retries what was lost itself.
 
 Server side: `raft_routes(transport)` / `attach(app, transport)` add the receiving
-handler to an application the caller owns and runs.
+handlers to an application the caller owns and runs: the socket, and `RAFT_PATH`, which
+takes one batch per POST (for a sender without a socket: tools, tests).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -39,25 +42,36 @@ from service.transport.protocols import (
     TransportStats,
 )
 from service.transport.sessions import client_session
+from service.transport.streams import (
+    CLOSE_TIMEOUT_SECONDS,
+    HEARTBEAT_SECONDS,
+    SEND_ERRORS,
+    OpenStreams,
+    server_socket,
+)
 
 log = logging.getLogger(__name__)
 
 RAFT_PATH = "/raft/v1/messages"
+RAFT_STREAM_PATH = "/raft/v1/stream"
 CONTENT_TYPE = "application/x-msgpack"
 SECRET_HEADER = "X-Dsync-Secret"
 FROM_HEADER = "X-Dsync-From"
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# Close codes that say nothing is wrong with what we sent (the peer is stopping).
+_NORMAL_CLOSE = frozenset({aiohttp.WSCloseCode.OK, aiohttp.WSCloseCode.GOING_AWAY})
 
 
 def peer_endpoint(base_url: str) -> str:
-    """The messages URL of a peer given its base URL; ValueError if it is not http(s)."""
+    """The Raft socket URL of a peer given its base URL; ValueError if it is not
+    http(s)."""
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"peer URL must be http(s)://host[:port], got {base_url!r}")
     if parts.query or parts.fragment:
         raise ValueError(f"peer URL must not have a query or fragment: {base_url!r}")
-    return base_url.rstrip("/") + RAFT_PATH
+    return base_url.rstrip("/") + RAFT_STREAM_PATH
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:
@@ -73,6 +87,8 @@ class _Peer:
     task: asyncio.Task[None] | None = None
     failures: int = 0  # consecutive failed requests; 0 means the peer looks up
     retry_at: float = 0.0  # loop time before which we do not try this peer again
+    socket: aiohttp.ClientWebSocketResponse | None = None
+    reader: asyncio.Task[None] | None = None
 
 
 class _BodyTooLarge(Exception):
@@ -137,7 +153,9 @@ class HttpTransport:
         self._rng = rng or random.Random()
         self._peers: dict[NodeId, _Peer] = {}
         # Sender tasks of removed peers: cancelled at once, awaited by close().
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: set[asyncio.Future[Any]] = set()
+        # Peers' sockets into this node, closed by close().
+        self._server_streams = OpenStreams()
         self._session: aiohttp.ClientSession | None = None
         self._started = False
         self._closed = False
@@ -165,6 +183,7 @@ class HttpTransport:
         for gone in self._peers.keys() - endpoints.keys():
             peer = self._peers.pop(gone)
             self.stats.dropped += len(peer.queue.take_all())
+            self._drop_socket(peer)
             if peer.task is not None:
                 peer.task.cancel()
                 self._retiring.add(peer.task)
@@ -185,6 +204,12 @@ class HttpTransport:
                 existing.endpoint = endpoint
                 existing.failures = 0
                 existing.retry_at = 0.0
+                self._drop_socket(existing)
+
+    def open_sockets(self) -> tuple[int, int]:
+        """(sockets this node keeps to peers, peers' sockets into this node)."""
+        out = sum(1 for p in self._peers.values() if p.socket is not None and not p.socket.closed)
+        return out, len(self._server_streams)
 
     def queue_length(self, node: NodeId) -> int:
         peer = self._peers.get(node)
@@ -195,17 +220,17 @@ class HttpTransport:
             raise RuntimeError("transport is closed")
         if self._started:
             return
-        headers = {FROM_HEADER: self.node_id, "Content-Type": CONTENT_TYPE}
+        headers = {FROM_HEADER: self.node_id}
         if self._secret_text is not None:
             headers[SECRET_HEADER] = self._secret_text
-        # keep-alive (aiohttp default) makes a heartbeat one request on an open socket;
-        # a couple of connections per peer is enough because each sender has at most
-        # one request in flight, and the spare covers a connection being torn down.
+        # One socket per peer; the spare connection covers one being torn down.
         connector = aiohttp.TCPConnector(limit_per_host=self._connections_per_peer)
         self._session = client_session(
             connector=connector,
             headers=headers,
-            timeout=aiohttp.ClientTimeout(total=self._request_timeout),
+            timeout=aiohttp.ClientTimeout(
+                total=self._request_timeout, connect=self._connect_timeout
+            ),
         )
         self._started = True
         for peer in self._peers.values():
@@ -215,17 +240,22 @@ class HttpTransport:
         if self._closed:
             return
         self._closed = True
-        tasks = [p.task for p in self._peers.values() if p.task is not None]
+        for peer in self._peers.values():
+            if peer.task is not None:
+                peer.task.cancel()
+            self._drop_socket(peer)
+        tasks: list[asyncio.Future[Any]] = [
+            p.task for p in self._peers.values() if p.task is not None
+        ]
         tasks.extend(self._retiring)
-        for task in tasks:
-            task.cancel()
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self._close_timeout)
             if pending:
-                log.warning("%d transport sender tasks did not stop in time", len(pending))
+                log.warning("%d transport tasks did not stop in time", len(pending))
         for peer in self._peers.values():
             peer.task = None
             self.stats.dropped += len(peer.queue.take_all())
+        await self._server_streams.close_all()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -289,7 +319,7 @@ class HttpTransport:
             bodies.append(current)
 
         for i, parts in enumerate(bodies):
-            error = await self._post(peer, join_encoded(parts))
+            error = await self._deliver(peer, join_encoded(parts))
             if error is not None:
                 # The peer is likely down: the rest would only wait for timeouts too.
                 self.stats.dropped += sum(len(p) for p in bodies[i:])
@@ -299,21 +329,64 @@ class HttpTransport:
         if bodies:
             self._succeeded(peer)
 
-    async def _post(self, peer: _Peer, body: bytes) -> str | None:
-        """POST one body; return None on success or a short reason for the log."""
+    async def _deliver(self, peer: _Peer, body: bytes) -> str | None:
+        """Write one frame on the peer's socket (opening it if need be); return None
+        once it is written or a short reason for the log."""
         assert self._session is not None
-        total = self._request_timeout + len(body) / self._min_bytes_per_second
-        # A separate connect timeout makes "could not connect" fail fast and keeps a
-        # slow accept from eating the whole budget.
-        timeout = aiohttp.ClientTimeout(total=total, connect=min(total, self._connect_timeout))
+        socket = peer.socket
+        if socket is None or socket.closed:
+            try:
+                # The handshake gets a small request's time; connecting alone less, so
+                # "could not connect" fails fast.
+                async with asyncio.timeout(self._request_timeout):
+                    socket = await self._session.ws_connect(
+                        peer.endpoint,
+                        heartbeat=HEARTBEAT_SECONDS,
+                        max_msg_size=self._max_body_bytes,
+                        timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_SECONDS),
+                    )
+            except aiohttp.WSServerHandshakeError as exc:
+                return f"HTTP {exc.status} {exc.message}"
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                return f"{type(exc).__name__}: {exc}"
+            peer.socket = socket
+            peer.reader = asyncio.create_task(self._read(peer, socket))
         try:
-            async with self._session.post(peer.endpoint, data=body, timeout=timeout) as resp:
-                if 200 <= resp.status < 300:
-                    return None
-                detail = await resp.content.read(300)
-                return f"HTTP {resp.status} {detail.decode(errors='replace')}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Written into the socket's buffer, or waiting for the peer to read when it
+            # is full: a peer that stopped reading must not hold its sender forever.
+            async with asyncio.timeout(
+                self._request_timeout + len(body) / self._min_bytes_per_second
+            ):
+                await socket.send_bytes(body)
+        except (*SEND_ERRORS, TimeoutError) as exc:
+            self._drop_socket(peer)
             return f"{type(exc).__name__}: {exc}"
+        return None
+
+    async def _read(self, peer: _Peer, socket: aiohttp.ClientWebSocketResponse) -> None:
+        """The peer sends nothing on the socket but pongs and its closing frame; reading
+        is what notices them. A socket the peer closes for a bad batch is a failure."""
+        with contextlib.suppress(Exception):
+            async for _ in socket:
+                pass  # nothing is expected; a data frame is ignored
+        if peer.socket is socket:
+            peer.socket = None
+            peer.reader = None
+        code = socket.close_code
+        if code is not None and code not in _NORMAL_CLOSE:
+            self._failed(peer, f"peer closed the socket: {code}", asyncio.get_running_loop().time())
+
+    def _drop_socket(self, peer: _Peer) -> None:
+        socket, reader = peer.socket, peer.reader
+        peer.socket = peer.reader = None
+        if reader is not None:
+            reader.cancel()
+            self._retiring.add(reader)
+            reader.add_done_callback(self._retiring.discard)
+        if socket is not None and not socket.closed:
+            closing = asyncio.ensure_future(socket.close())
+            self._retiring.add(closing)
+            closing.add_done_callback(self._retiring.discard)
 
     def _failed(self, peer: _Peer, reason: str, now: float) -> None:
         peer.failures += 1
@@ -342,18 +415,12 @@ class HttpTransport:
     # --- receiving ----------------------------------------------------------------
 
     async def handle_request(self, request: web.Request) -> web.StreamResponse:
-        """aiohttp handler for POST /raft/v1/messages."""
+        """aiohttp handler for POST /raft/v1/messages: one batch, answered 204."""
         if self._closed:
             return error_response(503, "unavailable", "node is shutting down")
-        if self._secret is not None:
-            given = request.headers.get(SECRET_HEADER, "")
-            # compare_digest: the time taken must not reveal how much of the secret
-            # matched.
-            # surrogateescape: aiohttp maps undecodable header bytes to surrogates,
-            # which plain encode() would turn into a 500.
-            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self._secret):
-                self.stats.rejected += 1
-                return error_response(401, "unauthorized", f"missing or wrong {SECRET_HEADER}")
+        if not self._authorized(request):
+            self.stats.rejected += 1
+            return error_response(401, "unauthorized", f"missing or wrong {SECRET_HEADER}")
         if request.content_type != CONTENT_TYPE:
             self.stats.rejected += 1
             return error_response(415, "unsupported_media_type", f"expected {CONTENT_TYPE}")
@@ -380,19 +447,10 @@ class HttpTransport:
         except CodecError as exc:
             self.stats.rejected += 1
             return error_response(400, "bad_request", f"malformed batch: {exc}")
-        for m in batch:
-            if m.dst != self.node_id:
-                # The sender's address book maps another node id to our address
-                # (stale after a restart on another port?). Delivering would corrupt
-                # Raft state, so refuse the whole batch.
-                self.stats.rejected += 1
-                return error_response(
-                    400, "wrong_node", f"message for {m.dst[:64]!r} sent to {self.node_id!r}"
-                )
-        sender = request.headers.get(FROM_HEADER)
-        if sender is not None and any(m.src != sender for m in batch):
+        refused = self._refusal(batch, request.headers.get(FROM_HEADER))
+        if refused is not None:
             self.stats.rejected += 1
-            return error_response(400, "bad_request", f"message src differs from {FROM_HEADER}")
+            return error_response(400, *refused)
         if batch:
             self.stats.received += len(batch)
             try:
@@ -401,6 +459,66 @@ class HttpTransport:
                 log.exception("on_messages failed for a batch of %d", len(batch))
                 return error_response(500, "internal", "node failed to accept messages")
         return web.Response(status=204)
+
+    def _refusal(self, batch: list[Message], sender: str | None) -> tuple[str, str] | None:
+        """Why a decoded batch must not be delivered, as (code, message), or None."""
+        for m in batch:
+            if m.dst != self.node_id:
+                # The sender's address book maps another node id to our address
+                # (stale after a restart on another port?). Delivering would corrupt
+                # Raft state, so refuse the whole batch.
+                return "wrong_node", f"message for {m.dst[:64]!r} sent to {self.node_id!r}"
+        if sender is not None and any(m.src != sender for m in batch):
+            return "bad_request", f"message src differs from {FROM_HEADER}"
+        return None
+
+    def _authorized(self, request: web.Request) -> bool:
+        if self._secret is None:
+            return True
+        given = request.headers.get(SECRET_HEADER, "")
+        # compare_digest: the time taken must not reveal how much of the secret matched.
+        # surrogateescape: aiohttp maps undecodable header bytes to surrogates, which
+        # plain encode() would turn into a 500.
+        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self._secret)
+
+    async def handle_stream(self, request: web.Request) -> web.StreamResponse:
+        """aiohttp handler for GET /raft/v1/stream: a peer's socket, one batch a frame.
+
+        A frame that cannot be delivered (malformed, for another node) closes the
+        socket with the reason, which the sender logs and backs off on."""
+        if self._closed:
+            return error_response(503, "unavailable", "node is shutting down")
+        if not self._authorized(request):
+            self.stats.rejected += 1
+            return error_response(401, "unauthorized", f"missing or wrong {SECRET_HEADER}")
+        sender = request.headers.get(FROM_HEADER)
+        ws = server_socket(self._max_body_bytes)
+        await ws.prepare(request)
+        with self._server_streams.track(ws):
+            async for frame in ws:
+                if frame.type is not aiohttp.WSMsgType.BINARY:
+                    break
+                try:
+                    batch = decode_batch(frame.data)
+                except CodecError as exc:
+                    refused: tuple[str, str] | None = ("bad_request", f"malformed batch: {exc}")
+                else:
+                    refused = self._refusal(batch, sender)
+                if refused is not None:
+                    self.stats.rejected += 1
+                    code, message = refused
+                    await ws.close(
+                        code=aiohttp.WSCloseCode.POLICY_VIOLATION,
+                        message=f"{code}: {message}"[:120].encode(),
+                    )
+                    break
+                if batch:
+                    self.stats.received += len(batch)
+                    try:
+                        self._on_messages(batch)
+                    except Exception:
+                        log.exception("on_messages failed for a batch of %d", len(batch))
+        return ws
 
     async def _read_body(self, request: web.Request) -> bytes:
         # Read the stream ourselves: request.read() obeys the application's
@@ -432,13 +550,22 @@ class TransportHolder(Protocol):
 def raft_routes(target: HttpTransport | TransportHolder) -> list[web.RouteDef]:
     """Routes to add to an existing application: app.add_routes(raft_routes(t))."""
 
+    def current() -> HttpTransport | None:
+        return target if isinstance(target, HttpTransport) else target.transport
+
     async def handle(request: web.Request) -> web.StreamResponse:
-        transport = target if isinstance(target, HttpTransport) else target.transport
+        transport = current()
         if transport is None:
             return error_response(503, "unavailable", "node is starting")
         return await transport.handle_request(request)
 
-    return [web.post(RAFT_PATH, handle)]
+    async def handle_stream(request: web.Request) -> web.StreamResponse:
+        transport = current()
+        if transport is None:
+            return error_response(503, "unavailable", "node is starting")
+        return await transport.handle_stream(request)
+
+    return [web.post(RAFT_PATH, handle), web.get(RAFT_STREAM_PATH, handle_stream)]
 
 
 def attach(app: web.Application, target: HttpTransport | TransportHolder) -> None:

@@ -31,6 +31,7 @@ from service.transport.http import (
     CONTENT_TYPE,
     FROM_HEADER,
     RAFT_PATH,
+    RAFT_STREAM_PATH,
     SECRET_HEADER,
     HttpTransport,
     attach,
@@ -490,7 +491,7 @@ async def test_failing_peer_is_backed_off(http: HttpCluster) -> None:
         return web.Response(status=503)
 
     app = web.Application()
-    app.router.add_post(RAFT_PATH, unavailable)
+    app.router.add_get(RAFT_STREAM_PATH, unavailable)
     runner = web.AppRunner(app, shutdown_timeout=1.0)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -506,6 +507,74 @@ async def test_failing_peer_is_backed_off(http: HttpCluster) -> None:
         assert a.transport.stats.sent == 0
     finally:
         await runner.cleanup()
+
+
+async def test_one_socket_per_peer_carries_every_batch(http: HttpCluster) -> None:
+    a, b = await http.full_mesh("a", "b")
+    for i in range(1, 51):
+        a.transport.send([hb("a", "b", i)])
+        await asyncio.sleep(0.001)
+    await eventually(lambda: b.commits_from("a") == list(range(1, 51)))
+    assert isinstance(a.transport, HttpTransport) and isinstance(b.transport, HttpTransport)
+    assert a.transport.open_sockets() == (1, 0)
+    assert b.transport.open_sockets() == (0, 1)
+    assert a.transport.stats.sent == 50 and a.transport.stats.failed_requests == 0
+
+
+async def test_a_frame_the_peer_refuses_closes_the_socket(http: HttpCluster) -> None:
+    b = await http.add("b", secret="pw")
+    headers = {SECRET_HEADER: "pw", FROM_HEADER: "a"}
+    async with aiohttp.ClientSession() as s:
+        for frame in (encode_batch([hb("a", "c")]), encode_batch([hb("z", "b")]), b"\x93xx"):
+            async with s.ws_connect(b.url + RAFT_STREAM_PATH, headers=headers) as ws:
+                await ws.send_bytes(encode_batch([hb("a", "b", 1)]))  # delivered
+                await ws.send_bytes(frame)
+                closing = await ws.receive(timeout=WAIT)
+                assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+                assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+        with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+            await s.ws_connect(b.url + RAFT_STREAM_PATH, headers={SECRET_HEADER: "no"})
+        assert caught.value.status == 401
+    assert b.commits_from("a") == [1, 1, 1]
+    assert b.transport.stats.rejected == 4
+
+
+async def test_a_restarted_peer_gets_a_new_socket(http: HttpCluster) -> None:
+    a, b = await http.full_mesh("a", "b", backoff_max=0.1)
+    a.transport.send([hb("a", "b", 1)])
+    await eventually(lambda: b.commits_from("a") == [1])
+    port = int(b.url.rsplit(":", 1)[1])
+    await http.stop(b)  # closes its end of a's socket
+    got: list[list[Message]] = []
+    b2 = HttpTransport("b", {}, got.append)
+    app = web.Application()
+    app.add_routes(raft_routes(b2))
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        for i in range(2, 200):  # Raft keeps sending; one gets through the new socket
+            a.transport.send([hb("a", "b", i)])
+            await asyncio.sleep(0.01)
+            if got:
+                break
+        assert got
+        assert b2.open_sockets() == (0, 1)
+    finally:
+        await b2.close()
+        await runner.cleanup()
+
+
+async def test_closing_a_transport_closes_the_sockets_into_it_at_once(http: HttpCluster) -> None:
+    a, b = await http.full_mesh("a", "b")
+    a.transport.send([hb("a", "b", 1)])
+    await eventually(lambda: b.commits_from("a") == [1])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await b.transport.close()
+    assert loop.time() - started < 1.0
+    assert isinstance(a.transport, HttpTransport)
+    await eventually(lambda: a.transport.open_sockets() == (0, 0))  # type: ignore[union-attr]
 
 
 async def test_refused_connection_recovers_when_peer_comes_up(http: HttpCluster) -> None:
