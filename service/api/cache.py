@@ -27,7 +27,7 @@ from service.cache.mirrored import MirrorUnavailable
 from service.cache.service import INTERNAL, MSGPACK, CacheError, CacheService
 from service.cache.values import encode
 from service.raft.core import RaftError
-from service.transport.http import FROM_HEADER, SECRET_HEADER
+from service.transport.http import SECRET_HEADER
 
 routes = web.RouteTableDef()
 
@@ -155,31 +155,12 @@ async def _internal_body(request: web.Request) -> tuple[CacheService, dict[str, 
     if cache is None or not cache.ready:
         raise ApiError(503, "unavailable", "the cache is starting on this node")
     try:
-        body = msgpack.unpackb(
-            await read_internal_body(request), raw=False, strict_map_key=False
-        )
+        body = msgpack.unpackb(await read_internal_body(request), raw=False, strict_map_key=False)
     except ValueError as exc:
         raise bad_request(f"body is not msgpack: {exc}") from exc
     if not isinstance(body, dict):
         raise bad_request("body is not a map")
     return cache, body
-
-
-@routes.post(f"{INTERNAL}/messages")
-async def messages(request: web.Request) -> web.Response:
-    cache, body = await _internal_body(request)
-    sender = request.headers.get(FROM_HEADER, "")
-    raw = body.get("m")
-    if not isinstance(raw, list) or len(raw) > MAX_BATCH:
-        raise bad_request(f"'m' must be a list of at most {MAX_BATCH} messages")
-    try:
-        batch = [wire.decode(item) for item in raw]
-    except ValueError as exc:
-        raise bad_request(f"bad cache message: {exc}") from exc
-    if any(message.sender != sender for message in batch):
-        raise bad_request(f"every message's sender must be the {FROM_HEADER} header")
-    cache.receive(sender, batch)
-    return _packed({"n": len(batch)})
 
 
 @routes.post(f"{INTERNAL}/describe")
@@ -215,6 +196,25 @@ def _peer_failure(exc: Exception) -> tuple[int, Any]:
     if isinstance(exc, MirrorUnavailable):
         return 503, {"error": {"code": "unavailable", "message": str(exc)}}
     return 400, {"error": {"code": "bad_request", "message": repr(exc)}}
+
+
+@peer_call("cache.messages")
+async def _messages(node: Node, sender: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """Protocol messages from a peer's outbox (links.py), stepped into the cores here."""
+    cache = node.cache
+    if cache is None or not cache.ready:
+        return 503, {"error": {"code": "unavailable", "message": "the cache is starting"}}
+    raw = body.get("m")
+    if not isinstance(raw, list) or len(raw) > MAX_BATCH:
+        return _peer_failure(ValueError(f"'m' must be a list of at most {MAX_BATCH} messages"))
+    try:
+        batch = [wire.decode(item) for item in raw]
+    except ValueError as exc:
+        return _peer_failure(ValueError(f"bad cache message: {exc}"))
+    if any(message.sender != sender for message in batch):
+        return _peer_failure(ValueError("every message's sender must be the sending node"))
+    cache.receive(sender, batch)
+    return 200, {"n": len(batch)}
 
 
 @peer_call("cache.mirror")

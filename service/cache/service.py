@@ -413,24 +413,12 @@ class CacheService:
     # --- peers -------------------------------------------------------------------------
 
     async def _post(self, peer: str, messages: list[Message]) -> None:
-        url = self.peer_urls.get(peer)
-        if url is None or self._session is None:
-            raise aiohttp.ClientError(f"no address for {peer}")
-        body = msgpack.packb({"m": [wire.encode(m) for m in messages]}, use_bin_type=True)
-        async with self._session.post(
-            f"{url}{INTERNAL}/messages", data=body, headers=self._headers()
-        ) as response:
-            await response.read()
-            if response.status != 200:
-                raise aiohttp.ClientError(f"{peer} answered {response.status}")
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": MSGPACK, FROM_HEADER: self.node_id}
-        if self.secret:
-            headers[SECRET_HEADER] = self.secret
-        return headers
-
-    # --- mirrors of the cache store (mirrored.py) ---------------------------------------
+        """Hand a batch of the outbox to the peer; returns once it stepped them."""
+        status, body = await self._peer_call(
+            peer, "cache.messages", {"m": [wire.encode(m) for m in messages]}, "cache"
+        )
+        if status != 200:
+            raise aiohttp.ClientError(f"{peer} answered {status} to cache messages: {body!r:.200}")
 
     async def _peer_call(
         self, peer: str, name: str, args: dict[str, Any], lane: str, timeout: float | None = None
@@ -439,6 +427,14 @@ class CacheService:
         if url is None or self.calls is None:
             raise MirrorUnavailable(f"no address for {peer}")
         return await self.calls.call(url, name, args, lane=lane, timeout=timeout)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": MSGPACK, FROM_HEADER: self.node_id}
+        if self.secret:
+            headers[SECRET_HEADER] = self.secret
+        return headers
+
+    # --- mirrors of the cache store (mirrored.py) ---------------------------------------
 
     async def _send_mirror(self, peer: str, update: MirrorUpdate) -> Applied:
         args = {

@@ -21,6 +21,7 @@ import redis
 from service.cache import wire
 from service.cache.messages import PutM
 from service.cluster import LocalCluster, http_json
+from tests.integration.call_socket import send_call_frame
 from tests.integration.conftest import REDIS_PORT_OFFSET
 
 pytestmark = pytest.mark.slow
@@ -236,13 +237,9 @@ def test_internal_requests_are_not_bound_by_the_client_body_limit(c: LocalCluste
     1 MiB limit, it must still be accepted (a 413 would be retried forever)."""
     big = json.dumps("x" * 250_000)
     messages = [wire.encode(PutM(new_key(), "node2", 1, 1, big)) for _ in range(8)]
-    body = msgpack.packb({"m": messages}, use_bin_type=True)
-    assert len(body) > 1_500_000
-    request = urllib.request.Request(
-        f"{c.nodes[0].url}/internal/v1/cache/messages", data=body, method="POST",
-        headers={"Content-Type": "application/msgpack", "X-Dsync-From": "node2"},
-    )  # fmt: skip
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 200
+    assert len(msgpack.packb(messages)) > 1_500_000
+    frame = msgpack.packb([1, [["cache.messages", {"m": messages}]]], use_bin_type=True)
+    status, answers = send_call_frame(c.nodes[0].url, frame, {"X-Dsync-From": "node2"})
+    assert (status, answers[0][0]) == (200, 200), answers
     status, _ = call(c, 0, "PUT", "/v1/cache/" + new_key(), {"value": "x" * 2_000_000})
     assert status == 413  # clients keep their limit

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from service.cluster import LocalCluster, http_json
+from tests.integration.call_socket import send_call_frame
 from tests.integration.conftest import REDIS_PORT_OFFSET
 
 pytestmark = pytest.mark.slow
@@ -277,40 +278,7 @@ def _wait_until(predicate: Any, timeout: float) -> None:
 
 
 def _post_calls(c: LocalCluster, node: int, payload: bytes) -> tuple[int, Any]:
-    """Send one frame on a call socket to `node`: (200, [[status, body] per call in
-    order]) for a batch, (status, reason) for a batch refused whole, and (close code,
-    None) when the node closes the socket."""
-    import asyncio
-    import io
-
-    import aiohttp
-    import msgpack
-
-    from service.transport.calls import CALLS_PATH
-
-    async def exchange() -> tuple[int, Any]:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.ws_connect(c.nodes[node].url + CALLS_PATH) as ws,
-        ):
-            await ws.send_bytes(payload)
-            answers: dict[int, list[Any]] = {}
-            while True:
-                message = await ws.receive(timeout=10)
-                if message.type is not aiohttp.WSMsgType.BINARY:
-                    return ws.close_code or 0, None
-                # Each answer is [batch, index, status, body], in the order they finished.
-                for _, index, status, body in msgpack.Unpacker(
-                    io.BytesIO(message.data), raw=False
-                ):
-                    if index is None:
-                        return status, body
-                    answers[index] = [status, body]
-                batch = msgpack.unpackb(payload, raw=False)[1]
-                if len(answers) == len(batch):
-                    return 200, [answers[i] for i in range(len(batch))]
-
-    return asyncio.run(exchange())
+    return send_call_frame(c.nodes[node].url, payload)
 
 
 def test_batched_leader_calls_run_only_on_the_leader(c: LocalCluster) -> None:

@@ -81,7 +81,7 @@ def test_cache_across_nodes(secured: LocalCluster) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", CALLS_PATH), ("POST", RAFT_PATH), ("POST", "/internal/v1/cache/messages")],
+    [("GET", CALLS_PATH), ("POST", RAFT_PATH), ("POST", "/internal/v1/cache/describe")],
 )
 def test_node_to_node_routes_refuse_a_request_without_the_secret(
     secured: LocalCluster, method: str, path: str
