@@ -9,6 +9,7 @@ import random
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from service.queue.partition import MAX_DEAD_KEPT, PartitionState, Writes
 from service.queue.store import Position, RedisPartitionStore
@@ -286,3 +287,30 @@ async def test_save_many_saves_several_partitions_together(store_backend: StoreB
             state, position = await store_backend.store.load(q, p)
             assert (state.export(), position) == (pair.leader.export(),
                                                   Position(1, round_ + 1, 5)), (q, p)
+
+
+async def test_a_large_save_and_replace_load_equal(store_backend: StoreBackend) -> None:
+    """Thousands of messages, ids and pending deliveries in one save: the Redis store
+    splits its hash writes (Lua's unpack() takes about 8000 values at most)."""
+    pair = Pair()
+    pair.publish(*((f"big-{i}", None if i % 3 else f"k{i % 7}", f'"{i}"') for i in range(2500)))
+    pair.deliver("g1", max_messages=2500)
+    position = await save(store_backend, pair.leader, 1)
+    state, loaded = await reloaded(store_backend)
+    assert (state.export(), loaded) == (pair.leader.export(), position)
+    assert len(state.ids) == 2500 and len(state.groups["g1"].pending) > 1000
+    await store_backend.store.replace(Q, 0, pair.leader, Position(3, 1, 9))
+    state, loaded = await reloaded(store_backend)
+    assert (state.export(), loaded) == (pair.leader.export(), Position(3, 1, 9))
+
+
+async def test_a_save_that_redis_refuses_raises(redis_store_backend: StoreBackend) -> None:
+    """Only a message already stored is no error; anything else Redis refuses is raised
+    (here a key of the wrong type where the dedup hash belongs)."""
+    backend = redis_store_backend
+    assert backend.redis is not None
+    await backend.redis.set(f"dsync:q:{Q}:0:ids", "not a hash")
+    pair = Pair()
+    pair.put("a", None)
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await save(backend, pair.leader, 1)
