@@ -7,10 +7,72 @@ Prometheus scraping all nodes can tell them apart.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ROLES = ("leader", "follower", "candidate", "pre_candidate")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerTraffic:
+    """What the node's peer transport has done since start (read at each scrape)."""
+
+    raft_sent: int  # Raft messages written to a peer's socket
+    raft_dropped: int  # dropped on this side (peer down, queue full, oversized)
+    raft_received: int
+    raft_rejected: int  # refused from a peer (bad secret, malformed, wrong node)
+    raft_send_failures: int  # attempts to reach a peer that failed
+    sockets: dict[str, int]  # open sockets by kind: raft_out, raft_in, calls_out, calls_in
+
+
+def _no_traffic() -> PeerTraffic | None:
+    return None
+
+
+class _PeerTrafficCollector(Collector):
+    """Reads the transport's counters at each scrape; before the transport is up (or
+    in a registry with no transport) the families are there with no samples."""
+
+    def __init__(self, node_id: str) -> None:
+        self._node_id = node_id
+        self.read: Callable[[], PeerTraffic | None] = _no_traffic
+
+    def collect(self) -> Iterator[Metric]:
+        traffic = self.read()
+        node = self._node_id
+        messages = CounterMetricFamily(
+            "dsync_raft_messages",
+            "Raft messages by outcome: sent (written to a peer's socket), dropped (on this "
+            "side: peer down, queue full, too large), received, rejected (from a peer)",
+            labels=["node", "outcome"],
+        )
+        failures = CounterMetricFamily(
+            "dsync_raft_send_failures",
+            "Failed attempts to deliver Raft messages to a peer (each backs off)",
+            labels=["node"],
+        )
+        sockets = GaugeMetricFamily(
+            "dsync_peer_sockets",
+            "Open node-to-node WebSockets by kind (raft_out, raft_in, calls_out, calls_in)",
+            labels=["node", "kind"],
+        )
+        if traffic is not None:
+            for outcome, value in (
+                ("sent", traffic.raft_sent),
+                ("dropped", traffic.raft_dropped),
+                ("received", traffic.raft_received),
+                ("rejected", traffic.raft_rejected),
+            ):
+                messages.add_metric([node, outcome], value)
+            failures.add_metric([node], traffic.raft_send_failures)
+            for kind, value in sorted(traffic.sockets.items()):
+                sockets.add_metric([node, kind], value)
+        yield from (messages, failures, sockets)
 
 
 class NodeMetrics:
@@ -18,6 +80,8 @@ class NodeMetrics:
         self.node_id = node_id
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._peer_traffic = _PeerTrafficCollector(node_id)
+        r.register(self._peer_traffic)
         n = ["node"]
         self.raft_role = Gauge(
             "dsync_raft_role", "1 for the node's current role", [*n, "role"], registry=r
@@ -198,6 +262,10 @@ class NodeMetrics:
     def set_role(self, role: str) -> None:
         for candidate in ROLES:
             self.raft_role.labels(self.node_id, candidate).set(1 if candidate == role else 0)
+
+    def track_peer_traffic(self, read: Callable[[], PeerTraffic | None]) -> None:
+        """Report what `read()` returns at every scrape."""
+        self._peer_traffic.read = read
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
 
+from service.api.http import STREAMS_KEY
 from service.cache.mirror_store import RedisMirrorStore
 from service.cache.service import CacheService
 from service.cache.store import RedisCacheStore
@@ -29,7 +30,7 @@ from service.kv.machine import KvStateMachine
 from service.locks.service import LockService
 from service.loop_lag import LoopLagMonitor
 from service.machines import MachineRegistry
-from service.metrics import NodeMetrics
+from service.metrics import NodeMetrics, PeerTraffic
 from service.queue.service import QueueService
 from service.queue.store import RedisPartitionStore
 from service.raft.core import ABSTAIN, RaftConfig, RaftCore, Role
@@ -92,10 +93,35 @@ class Node:
         self.gc_pauses = GcPauseRecorder(
             lambda generation, seconds: pauses.labels(node_id, str(generation)).observe(seconds)
         )
+        self.metrics.track_peer_traffic(self.peer_traffic)
 
     @property
     def node_id(self) -> str:
         return self.settings.node_id
+
+    def peer_traffic(self) -> PeerTraffic | None:
+        """The peer transport's counters and open sockets (None before Raft starts)."""
+        transport = self.transport
+        if transport is None:
+            return None
+        stats = transport.stats
+        raft_out, raft_in = transport.open_sockets()
+        streams = self._site_runner.app.get(STREAMS_KEY) if self._site_runner else None
+        calls_in = len(streams) if streams is not None else 0
+        calls_out = self.calls.open_streams() if self.calls is not None else 0
+        return PeerTraffic(
+            raft_sent=stats.sent,
+            raft_dropped=stats.dropped,
+            raft_received=stats.received,
+            raft_rejected=stats.rejected,
+            raft_send_failures=stats.failed_requests,
+            sockets={
+                "raft_out": raft_out,
+                "raft_in": raft_in,
+                "calls_out": calls_out,
+                "calls_in": calls_in,
+            },
+        )
 
     @property
     def self_url(self) -> str:

@@ -263,6 +263,39 @@ def test_lock_metrics_are_exported(c: LocalCluster) -> None:
         assert series in text, series
 
 
+def test_metrics_show_the_peer_sockets_and_raft_traffic(c: LocalCluster) -> None:
+    """The leader keeps a socket to each follower and counts what it sent; a follower
+    that passed a write on holds a call socket to the leader, which serves it."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    leader = c.wait_for_leader(10)
+    follower = (leader + 1) % c.size
+    name = unique("metrics")
+    grant = acquire(c, follower, name, "m")[1]
+    release(c, follower, name, "m", grant["token"])
+
+    def scrape(node: int) -> dict[tuple[str, str], float]:
+        url = c.nodes[node].url + "/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        found: dict[tuple[str, str], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                label = sample.labels.get("kind") or sample.labels.get("outcome") or ""
+                found[sample.name, label] = sample.value
+        return found
+
+    on_leader, on_follower = scrape(leader), scrape(follower)
+    assert on_leader["dsync_peer_sockets", "raft_out"] == c.size - 1
+    assert on_leader["dsync_peer_sockets", "raft_in"] >= 1
+    assert on_leader["dsync_peer_sockets", "calls_in"] >= 1
+    assert on_follower["dsync_peer_sockets", "calls_out"] >= 1
+    assert on_leader["dsync_raft_messages_total", "sent"] > 0
+    assert on_follower["dsync_raft_messages_total", "received"] > 0
+    assert ("dsync_raft_send_failures_total", "") in on_leader
+
+
 def _waiter_owners(c: LocalCluster, name: str) -> list[str]:
     status, view = call(c, 0, "GET", f"/v1/locks/{name}")
     return [w["owner"] for w in view.get("waiters", [])] if status == 200 else []
