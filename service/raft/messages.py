@@ -166,10 +166,11 @@ class ReadState:
 class Ready:
     """Everything the runner must do, in order: persist, send, apply, then advance().
 
-    One exception to the order: a leader's AppendRequests (`Ready.early_messages`) may
+    Two exceptions to the order: a leader's AppendRequests (`Ready.early_messages`) may
     leave before the persist, so followers write the entries while the leader does
     (thesis 10.2.1); the core counts the leader's own copy only once advance() says it
-    is persisted.
+    is persisted. And committed entries below `entries[0]` (already in the durable log)
+    may be applied before the persist, which does not touch them.
 
     `entries` replace the persisted log from `entries[0].index` on (a follower's conflicting
     suffix is truncated by the same write). `snapshot`, when set, replaces the whole log
