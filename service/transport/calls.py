@@ -398,13 +398,14 @@ async def serve_call_socket(
     streams: OpenStreams,
     *,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    heartbeat: float = HEARTBEAT_SECONDS,
 ) -> web.WebSocketResponse:
     """Serve one peer's call socket: run the calls of every batch concurrently and send
     each answer as soon as it is ready (a call must never wait for a slower one of its
     batch: a publish waiting on replication must not hold back the replication it waits
     for). The caller has checked the peer's secret. When the socket closes the calls
     still running are cancelled: their answers have nowhere to go."""
-    ws = server_socket(max_frame_bytes)
+    ws = server_socket(max_frame_bytes, heartbeat)
     await ws.prepare(request)
     sender = request.headers.get(FROM_HEADER, "")
     answers = _AnswerWriter(ws)

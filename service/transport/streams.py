@@ -53,10 +53,15 @@ class OpenStreams:
                 await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"shutting down")
 
 
-def server_socket(max_frame_bytes: int) -> web.WebSocketResponse:
-    """A server-side WebSocket for a peer's stream (the peer sends the pings)."""
+def server_socket(
+    max_frame_bytes: int, heartbeat: float = HEARTBEAT_SECONDS
+) -> web.WebSocketResponse:
+    """A server-side WebSocket for a peer's stream. It pings too: a peer that vanished
+    without closing (its host gone, a partition) would otherwise leave its handler
+    waiting here for good."""
     return web.WebSocketResponse(
         timeout=CLOSE_TIMEOUT_SECONDS,
         compress=False,
         max_msg_size=max_frame_bytes,
+        heartbeat=heartbeat,
     )

@@ -423,14 +423,19 @@ async def test_one_socket_per_peer_and_lane_is_opened_once_and_reused(
 class Server:
     """serve_call_socket behind an application, running calls through `run`."""
 
-    def __init__(self, run: Callable[[str, Any], Awaitable[tuple[int, Any]]]) -> None:
+    def __init__(
+        self, run: Callable[[str, Any], Awaitable[tuple[int, Any]]], heartbeat: float = 4.0
+    ) -> None:
         self.streams = OpenStreams()
         self.run = run
+        self.heartbeat = heartbeat
         self.runner: web.AppRunner | None = None
         self.url = ""
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
-        return await serve_call_socket(request, self.run, self.streams, max_frame_bytes=1 << 20)
+        return await serve_call_socket(
+            request, self.run, self.streams, max_frame_bytes=1 << 20, heartbeat=self.heartbeat
+        )
 
     async def __aenter__(self) -> Server:
         app = web.Application()
@@ -553,3 +558,27 @@ async def test_shutdown_closes_the_peer_sockets_at_once() -> None:
         assert caught.value.maybe_applied is False  # nobody listens: never sent
     finally:
         await batcher.close()
+
+
+async def test_a_peer_that_stops_answering_pings_is_dropped_and_its_calls_cancelled() -> None:
+    """A peer that vanished without closing (its host gone) must not hold a handler and
+    its running calls on this side for good."""
+    cancelled = asyncio.Event()
+
+    async def run(sender: str, call: Any) -> tuple[int, Any]:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return 200, None
+
+    async with (
+        Server(run, heartbeat=0.2) as server,
+        aiohttp.ClientSession() as session,
+        # autoping off and never reading: pings go unanswered, as from a vanished host.
+        session.ws_connect(server.url + CALLS_PATH, autoping=False) as ws,
+    ):
+        await ws.send_bytes(msgpack.packb([1, [["op", {}]]]))
+        await asyncio.wait_for(cancelled.wait(), 5)
+        assert len(server.streams) == 0
