@@ -451,14 +451,21 @@ class HttpTransport:
         if refused is not None:
             self.stats.rejected += 1
             return error_response(400, *refused)
-        if batch:
-            self.stats.received += len(batch)
-            try:
-                self._on_messages(batch)
-            except Exception:
-                log.exception("on_messages failed for a batch of %d", len(batch))
-                return error_response(500, "internal", "node failed to accept messages")
+        if not self._hand_over(batch):
+            return error_response(500, "internal", "node failed to accept messages")
         return web.Response(status=204)
+
+    def _hand_over(self, batch: list[Message]) -> bool:
+        """Give an accepted batch to the node; False if it failed to take it."""
+        if not batch:
+            return True
+        self.stats.received += len(batch)
+        try:
+            self._on_messages(batch)
+        except Exception:
+            log.exception("on_messages failed for a batch of %d", len(batch))
+            return False
+        return True
 
     def _refusal(self, batch: list[Message], sender: str | None) -> tuple[str, str] | None:
         """Why a decoded batch must not be delivered, as (code, message), or None."""
@@ -512,12 +519,7 @@ class HttpTransport:
                         message=f"{code}: {message}"[:120].encode(),
                     )
                     break
-                if batch:
-                    self.stats.received += len(batch)
-                    try:
-                        self._on_messages(batch)
-                    except Exception:
-                        log.exception("on_messages failed for a batch of %d", len(batch))
+                self._hand_over(batch)  # a failure is logged; Raft re-sends
         return ws
 
     async def _read_body(self, request: web.Request) -> bytes:

@@ -539,6 +539,27 @@ async def test_a_frame_the_peer_refuses_closes_the_socket(http: HttpCluster) -> 
     assert b.transport.stats.rejected == 4
 
 
+async def serve_on(port: int, got: list[list[Message]]) -> tuple[HttpTransport, web.AppRunner]:
+    """A node "b" on `port` (a peer coming up, or back) that records what it gets."""
+    transport = HttpTransport("b", {}, got.append)
+    app = web.Application()
+    app.add_routes(raft_routes(transport))
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return transport, runner
+
+
+async def keeps_sending_until_received(a: Node, got: list[list[Message]]) -> bool:
+    """Send heartbeats to "b" as Raft does, until one gets through (at most 2 s)."""
+    for i in range(2, 200):
+        a.transport.send([hb("a", "b", i)])
+        await asyncio.sleep(0.01)
+        if got:
+            return True
+    return False
+
+
 async def test_a_restarted_peer_gets_a_new_socket(http: HttpCluster) -> None:
     a, b = await http.full_mesh("a", "b", backoff_max=0.1)
     a.transport.send([hb("a", "b", 1)])
@@ -546,19 +567,9 @@ async def test_a_restarted_peer_gets_a_new_socket(http: HttpCluster) -> None:
     port = int(b.url.rsplit(":", 1)[1])
     await http.stop(b)  # closes its end of a's socket
     got: list[list[Message]] = []
-    b2 = HttpTransport("b", {}, got.append)
-    app = web.Application()
-    app.add_routes(raft_routes(b2))
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    b2, runner = await serve_on(port, got)
     try:
-        for i in range(2, 200):  # Raft keeps sending; one gets through the new socket
-            a.transport.send([hb("a", "b", i)])
-            await asyncio.sleep(0.01)
-            if got:
-                break
-        assert got
+        assert await keeps_sending_until_received(a, got)  # through a new socket
         assert b2.open_sockets() == (0, 1)
     finally:
         await b2.close()
@@ -585,20 +596,9 @@ async def test_refused_connection_recovers_when_peer_comes_up(http: HttpCluster)
     await eventually(lambda: a.transport.stats.failed_requests >= 1)
 
     got: list[list[Message]] = []
-    b = HttpTransport("b", {}, got.append)
-    app = web.Application()
-    app.add_routes(raft_routes(b))
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    b, runner = await serve_on(port, got)
     try:
-        # Raft keeps sending heartbeats; once the peer is up one gets through.
-        for i in range(2, 200):
-            a.transport.send([hb("a", "b", i)])
-            await asyncio.sleep(0.01)
-            if got:
-                break
-        assert got
+        assert await keeps_sending_until_received(a, got)
     finally:
         await b.close()
         await runner.cleanup()
