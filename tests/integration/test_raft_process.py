@@ -151,6 +151,65 @@ def test_paused_leader_is_replaced_and_steps_down(cluster: LocalCluster) -> None
     assert (status, body.get("value")) == (200, "1")
 
 
+def peer_sockets(cluster: LocalCluster, node: int) -> dict[str, float]:
+    """The node's open peer sockets by kind, and its failed Raft sends, from /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = cluster.nodes[node].url + "/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dsync_peer_sockets":
+                found[sample.labels["kind"]] = sample.value
+            elif sample.name == "dsync_raft_send_failures_total":
+                found["send_failures"] = sample.value
+    return found
+
+
+def test_a_follower_silent_past_the_heartbeat_is_cut_off_and_reconnected(
+    cluster: LocalCluster,
+) -> None:
+    """A follower paused longer than the sockets' ping window (4 s, plus 2 s for the
+    pong): the leader closes its socket and keeps failing to open one (the handshake
+    goes unanswered) while writes go on; once it resumes, a socket is open again and
+    it catches up."""
+    leader = cluster.wait_for_leader(30)
+    follower = (leader + 1) % 3
+    before = peer_sockets(cluster, leader)
+    assert before["raft_out"] == 2, before
+    cluster.pause(follower)
+    try:
+        time.sleep(7.5)
+        assert put_until_ok(cluster, [leader], "while-silent", "1", time.monotonic() + 10)
+        during = peer_sockets(cluster, leader)
+        assert during["raft_out"] == 1, during
+        assert during["send_failures"] > before.get("send_failures", 0), during
+    finally:
+        cluster.resume(follower)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        view = cluster.health(follower)
+        if (
+            peer_sockets(cluster, leader)["raft_out"] == 2
+            and view is not None
+            and view["applied_index"] >= commit_index_of(cluster, leader)
+        ):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the resumed follower did not reconnect and catch up")
+    status, body = get(cluster, follower, "while-silent")
+    assert (status, body.get("value")) == (200, "1")
+
+
+def commit_index_of(cluster: LocalCluster, node: int) -> int:
+    view = cluster.health(node)
+    return view["commit_index"] if view is not None else 1 << 62
+
+
 def test_history_with_leader_kill_is_linearizable(cluster: LocalCluster) -> None:
     cluster.wait_for_leader(30)
     keys = ["r0", "r1", "r2"]
