@@ -84,10 +84,13 @@ class ControlMixin(QueueServiceBase):
 
         async def change() -> None:
             try:
-                await self.propose_meta("queue.isr", {"queue": queue, "partition": partition,
-                                                      "epoch": part.epoch, "isr": isr})
-                log.info("isr changed", extra={"queue": queue, "partition": partition,
-                                               "isr": isr})
+                result = await self.propose_meta(
+                    "queue.isr", {"queue": queue, "partition": partition,
+                                  "epoch": part.epoch, "isr": isr, "expect": list(part.isr)},
+                )
+                if result.get("status") == "ok":
+                    log.info("isr changed", extra={"queue": queue, "partition": partition,
+                                                   "isr": isr})
             except QueueError as exc:
                 log.info("isr change failed", extra={"error": exc.message})
             finally:
@@ -155,19 +158,29 @@ class ControlMixin(QueueServiceBase):
         while runner is not None and runner.core.rejoining and not self._stopping:
             await asyncio.sleep(0.1)  # the metadata is complete once Raft caught up
         alone: set[tuple[str, int]] = set()  # partitions with no other in-sync replica
+        # Partitions this node has left. Each is left once only: its leader adds the
+        # node back as soon as it has caught up (and the Raft leader may then make it
+        # the leader again, as the preferred replica), and leaving again would start
+        # that over: a loop of moves that a fast catch-up kept going for as long as a
+        # test watched (hundreds of epochs in 30 s). Nothing else puts it back: ISR
+        # changes carry the ISR they were computed from (`expect`).
+        left: set[tuple[str, int]] = set()
         while not self._stopping:
-            changes: list[tuple[str, dict[str, object]]] = []
+            changes: list[tuple[tuple[str, int], str, dict[str, object]]] = []
             for meta in self.meta.queues():
                 for index, part in enumerate(meta.partitions):
-                    if self.node_id not in part.isr:
+                    if self.node_id not in part.isr or (meta.name, index) in left:
                         continue
                     others = [n for n in part.isr if n != self.node_id]
                     args = {"queue": meta.name, "partition": index, "epoch": part.epoch,
-                            "isr": others}
+                            "isr": others, "expect": list(part.isr)}
                     if part.leader != self.node_id:
-                        changes.append(("queue.isr", args))
+                        changes.append(((meta.name, index), "queue.isr", args))
                     elif others:
-                        changes.append(("queue.move", {**args, "leader": others[0]}))
+                        move = {k: v for k, v in args.items() if k != "expect"}
+                        changes.append(
+                            ((meta.name, index), "queue.move", {**move, "leader": others[0]})
+                        )
                     elif (meta.name, index) not in alone:
                         alone.add((meta.name, index))
                         log.error(
@@ -177,11 +190,14 @@ class ControlMixin(QueueServiceBase):
                         )
             if not changes:
                 break
-            for op, args in changes:
+            for key, op, args in changes:
                 try:
-                    await self.propose_meta(op, dict(args))
+                    result = await self.propose_meta(op, dict(args))
                 except QueueError as exc:
                     log.info("handing over after storage loss", extra={"error": exc.message})
+                    continue
+                if result.get("status") == "ok":
+                    left.add(key)
             await asyncio.sleep(0.2)
         log.info("queue partitions handed over after storage loss")
         self.storage_lost = False

@@ -201,11 +201,19 @@ class QueueMetaMachine:
         return {"status": "ok", "epoch": moved.epoch}
 
     def _isr(self, args: Mapping[str, Any]) -> Result:
-        """The partition leader shrinks or grows its in-sync set (same epoch)."""
+        """The partition leader shrinks or grows its in-sync set (same epoch).
+
+        `expect`, when given, is the ISR the proposer saw: the change applies only if
+        that is still the ISR. Two nodes change the ISR at one epoch (the partition
+        leader, and a node leaving after it lost its storage); without the check, a
+        change computed before the other one applied would undo it, putting an empty
+        replica back in the ISR. Entries written before `expect` existed lack it."""
         meta, index, part = self._partition(args)
         epoch = _int(args, "epoch")
         isr = _nodes(args["isr"], "the ISR")
         if epoch != part.epoch:
+            return {"status": "stale", "epoch": part.epoch}
+        if "expect" in args and _nodes(args["expect"], "the expected ISR") != part.isr:
             return {"status": "stale", "epoch": part.epoch}
         if part.leader not in isr or any(n not in part.replicas for n in isr):
             return _error("bad_command", "the ISR must hold the leader and only replicas")

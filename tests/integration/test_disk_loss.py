@@ -272,6 +272,13 @@ def test_queue_messages_survive_a_lost_disk(cluster: LocalCluster) -> None:
             break
         time.sleep(0.3)
     assert all(len(p["isr"]) == 3 for p in view["partitions"]), view["partitions"]
+    # And it settled: the node left each partition once (it used to leave, be added
+    # back, lead again as the preferred replica, and leave again, every 100 ms).
+    time.sleep(2.0)
+    _, later = http_json("GET", f"{cluster.nodes[1].url}/v1/queues/lost", timeout=10)
+    epochs = {p["partition"]: p["epoch"] for p in view["partitions"]}
+    assert all(p["epoch"] == epochs[p["partition"]] for p in later["partitions"]), later
+    assert max(epochs.values()) < 20, epochs
 
 
 def test_large_values_travel_between_nodes_and_into_the_mirrors(cluster: LocalCluster) -> None:

@@ -159,6 +159,27 @@ def test_isr_needs_the_current_epoch_and_keeps_it(m: QueueMetaMachine) -> None:
     assert isr(m, 1, ["n2"]) == {"status": "stale", "epoch": 2}
 
 
+def test_isr_change_with_expect_applies_only_to_the_isr_it_was_computed_from(
+    m: QueueMetaMachine,
+) -> None:
+    """A node that lost its storage leaves the ISR while the partition leader shrinks it
+    for another reason: the change computed before the leave must not put it back."""
+    def change(members: list[str], expect: list[str]) -> dict[str, Any]:
+        result: dict[str, Any] = m.apply(1, Command("queue.isr", {
+            "queue": "q", "partition": 0, "epoch": 1, "isr": members, "expect": expect}))
+        return result
+
+    assert change(["n1", "n3"], ["n1", "n2", "n3"])["status"] == "ok"  # n2 leaves
+    # The leader's shrink of n3, computed while n2 was still in:
+    assert change(["n1", "n2"], ["n1", "n2", "n3"]) == {"status": "stale", "epoch": 1}
+    assert part(m).isr == ("n1", "n3")
+    assert change(["n1"], ["n1", "n3"])["status"] == "ok"  # recomputed from what is now
+    assert part(m).isr == ("n1",)
+    assert change(["n1", "n2"], ["n1", "n9"]) == {"status": "stale", "epoch": 1}
+    bad = change(["n1"], "n1")  # type: ignore[arg-type]
+    assert bad["status"] == "error" and bad["code"] == "bad_command"
+
+
 @pytest.mark.parametrize("members", [["n2", "n3"], [], ["n1", "n9"], ["n9"]])
 def test_isr_must_hold_the_leader_and_only_replicas(m: QueueMetaMachine, members: Any) -> None:
     before = m.dump()
