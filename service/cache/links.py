@@ -2,10 +2,11 @@
 
 Why one outbox per peer with a few requests in flight: whatever queues while the requests
 are out goes in the next one, so batches grow with the load (like the Raft runner's
-group commit) and a busy link costs one HTTP round trip per batch, not per message;
-a few of them at once (`concurrency`) keep one slow request from holding up the rest.
-Messages stay in the outbox until the peer has accepted them (HTTP 200 means it stepped
-them into its cores), so a peer that is down or restarting gets them when it is back;
+group commit) and a busy link costs one peer call per batch, not per message (a call
+on the node's call socket, service/transport/calls.py); a few of them at once
+(`concurrency`) keep one slow request from holding up the rest. Messages stay in the
+outbox until the peer has accepted them (an answer 200 means it stepped them into its
+cores), so a peer that is down or restarting gets them when it is back;
 the protocol tolerates the duplicates a timed-out-but-processed request causes.
 
 Bounds: a message waiting longer than `max_age` is dropped (the cores re-send what still
