@@ -169,20 +169,18 @@ class ControlMixin(QueueServiceBase):
             changes: list[tuple[tuple[str, int], str, dict[str, object]]] = []
             for meta in self.meta.queues():
                 for index, part in enumerate(meta.partitions):
-                    if self.node_id not in part.isr or (meta.name, index) in left:
+                    key = (meta.name, index)
+                    if self.node_id not in part.isr or key in left:
                         continue
                     others = [n for n in part.isr if n != self.node_id]
                     args = {"queue": meta.name, "partition": index, "epoch": part.epoch,
-                            "isr": others, "expect": list(part.isr)}
+                            "isr": others}
                     if part.leader != self.node_id:
-                        changes.append(((meta.name, index), "queue.isr", args))
+                        changes.append((key, "queue.isr", {**args, "expect": list(part.isr)}))
                     elif others:
-                        move = {k: v for k, v in args.items() if k != "expect"}
-                        changes.append(
-                            ((meta.name, index), "queue.move", {**move, "leader": others[0]})
-                        )
-                    elif (meta.name, index) not in alone:
-                        alone.add((meta.name, index))
+                        changes.append((key, "queue.move", {**args, "leader": others[0]}))
+                    elif key not in alone:
+                        alone.add(key)
                         log.error(
                             "storage lost and no other in-sync replica: the messages "
                             "this partition held only here are gone",
