@@ -2,7 +2,8 @@
 
 Used by `python -m service cluster up` (and so `make run`), by the drills and by the
 real-process tests: one piece of code starts, kills (-9, node and its Redis), pauses and
-restarts nodes, so what the tests exercise is what users run.
+restarts nodes, so what the tests exercise is what users run. The partition tests give
+each node an address and a network namespace of its own (`hosts`, `launchers`).
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ class NodeProcess:
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    host: str = "127.0.0.1"
+    # A command prefix the node runs under (e.g. `ip netns exec <ns>` in partition tests).
+    launcher: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -51,23 +55,31 @@ class LocalCluster:
     extra_env: dict[str, str] = field(default_factory=dict)
     log_to_files: bool = False
     nodes: list[NodeProcess] = field(default_factory=list)
+    # Per node: the address it binds and is reached at (default 127.0.0.1 for all), and
+    # a command prefix to run it under (default none).
+    hosts: list[str] | None = None
+    launchers: list[tuple[str, ...]] | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.size <= 9:
             raise ValueError("a local cluster has 1 to 9 nodes")
         ids = [f"node{i + 1}" for i in range(self.size)]
         ports = [self.base_port + i for i in range(self.size)]
-        for node_id, port in zip(ids, ports, strict=True):
+        hosts = self.hosts or ["127.0.0.1"] * self.size
+        launchers = self.launchers or [()] * self.size
+        if len(hosts) != self.size or len(launchers) != self.size:
+            raise ValueError("hosts and launchers need one entry per node")
+        for node_id, port, host, launcher in zip(ids, ports, hosts, launchers, strict=True):
             peers = ",".join(
-                f"{other}=http://127.0.0.1:{other_port}"
-                for other, other_port in zip(ids, ports, strict=True)
+                f"{other}=http://{other_host}:{other_port}"
+                for other, other_port, other_host in zip(ids, ports, hosts, strict=True)
                 if other != node_id
             )
             data_dir = self.data_root / node_id
             env = {
                 **os.environ,
                 "NODE_ID": node_id,
-                "HOST": "127.0.0.1",
+                "HOST": host,
                 "PORT": str(port),
                 "PEERS": peers,
                 "MODE": "cluster" if self.size > 1 else "single",
@@ -75,7 +87,9 @@ class LocalCluster:
                 **self.extra_env,
             }
             env.pop("REDIS_URL", None)  # every local node manages its own Redis
-            self.nodes.append(NodeProcess(node_id, port, data_dir, env))
+            self.nodes.append(
+                NodeProcess(node_id, port, data_dir, env, host=host, launcher=launcher)
+            )
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -89,7 +103,7 @@ class LocalCluster:
                 node.log_path = node.data_dir / "node.log"
                 stdout = node.log_path.open("ab")
             node.process = subprocess.Popen(
-                [sys.executable, "-m", "service.main"],
+                [*node.launcher, sys.executable, "-m", "service.main"],
                 env=node.env,
                 stdout=stdout,
                 stderr=subprocess.STDOUT if stdout is not None else None,
