@@ -78,6 +78,7 @@ class Node:
     services: list[Any] = field(default_factory=list)
     _site_runner: web.AppRunner | None = None
     _rejoin_task: asyncio.Future[None] | None = None
+    _known_leader: str | None = None  # the Raft leader last seen by _leader_changed
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     loop_lag: LoopLagMonitor = field(init=False)
     gc_pauses: GcPauseRecorder = field(init=False)
@@ -319,6 +320,7 @@ class Node:
             self.cache.keep_mirrors(RedisCacheStore(self.redis), RedisMirrorStore(self.redis))
         for service in self.services:
             service.attach(self.runner)
+        self.runner.add_role_listener(self._leader_changed)
         self.runner.start()
 
     async def _check_lost_storage(
@@ -350,6 +352,16 @@ class Node:
             if self.queues is not None:
                 self.queues.storage_lost = True
         return hard_state, marked
+
+    def _leader_changed(self, role: Role, term: int, leader: str | None) -> None:
+        """A peer that stopped leading is suspect: calls in flight to it (forwarded
+        writes) must not wait out their timeout if it is cut off (see CallBatcher.probe)."""
+        previous, self._known_leader = self._known_leader, leader
+        if previous is None or previous in (leader, self.node_id) or self.calls is None:
+            return
+        url = self.peer_urls.get(previous)
+        if url is not None:
+            self.calls.probe(url)
 
     def _spawn_rejoin_watch(self) -> None:
         async def watch() -> None:

@@ -88,6 +88,14 @@ class QueueService(ReplicationMixin, ControlMixin):
     def _on_apply(self, index: int, command: Command, result: Any) -> None:
         if command.op.startswith("queue."):
             self._reconcile_needed.set()
+        if command.op == "queue.move" and self.calls is not None:
+            # The partition's old leader is suspect: a publish forwarded to it just
+            # before it was cut off would wait out its timeout (CallBatcher.probe).
+            # The move does not name the old leader; a live peer answers the ping.
+            new_leader = command.args.get("leader")
+            for peer, url in self.peer_urls.items():
+                if peer != new_leader:
+                    self.calls.probe(url)
 
     def _on_role(self, role: Role, term: int, leader: str | None) -> None:
         if role == Role.LEADER:

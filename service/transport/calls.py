@@ -54,6 +54,10 @@ DEFAULT_MAX_BATCH = 256
 # queue partition for a follower that fell behind): the internal body cap.
 DEFAULT_MAX_FRAME_BYTES = 512 * 1024 * 1024
 MAX_CALLS_PER_BATCH = 1024
+# A call every peer answers at once, without running anything: a liveness probe.
+PING_CALL = "ping"
+# How long a suspected peer's sockets have to answer a ping (see `CallBatcher.probe`).
+PROBE_TIMEOUT_SECONDS = 0.5
 
 # The peer's side of one call: (sending node id, [name, args]) -> (status, body).
 RunCall = Callable[[str, Any], Awaitable[tuple[int, Any]]]
@@ -84,6 +88,8 @@ class _Stream:
     pending: dict[int, _Batch] = field(default_factory=dict)
     closed: bool = False
     reader: asyncio.Task[None] | None = None
+    probing: bool = False
+    broken: str | None = None  # why this side gave up on the socket, if it did
 
 
 @dataclass(slots=True)
@@ -167,6 +173,49 @@ class CallBatcher:
         peer.queued.append(_Call(name, args, future, timeout or self._timeout))
         self._schedule(peer)
         return await future
+
+    def probe(self, url: str, timeout: float = PROBE_TIMEOUT_SECONDS) -> None:
+        """Suspect the node at `url` (it has just lost a leadership): each open socket
+        to it must answer a ping within `timeout`, or it is closed, and the calls waiting
+        on it fail at once with an unknown outcome (callers then retry what is
+        idempotent elsewhere) instead of at their timeout. A node cut off by a network
+        partition leaves its sockets open and silent, and the WebSocket heartbeat would
+        notice only after seconds; a node that is merely slow answers and keeps them."""
+        if self._closed:
+            return
+        for peer in list(self._peers.values()):
+            stream = peer.stream
+            if peer.url != url or stream is None or stream.closed or stream.probing:
+                continue
+            stream.probing = True
+            task = asyncio.create_task(self._probe(peer, stream, timeout))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _probe(self, peer: _Peer, stream: _Stream, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        batch_id = next(self._ids)
+        ping = _Call(PING_CALL, {}, loop.create_future(), timeout)
+        waiting = _Batch([ping], loop.create_future(), {0})
+        stream.pending[batch_id] = waiting
+        try:
+            await stream.ws.send_bytes(msgpack.packb([batch_id, [[PING_CALL, {}]]]))
+            async with asyncio.timeout(timeout):
+                await waiting.done
+        except TimeoutError:
+            reason = f"no answer to a ping within {timeout} s"
+            log.warning(
+                "closing a silent call socket",
+                extra={"peer": peer.url, "lane": peer.lane, "reason": reason},
+            )
+            stream.broken = reason
+            if stream.reader is not None:
+                stream.reader.cancel()
+        except (ForwardError, *SEND_ERRORS):
+            pass  # the socket is closing anyway; its reader fails what waits on it
+        finally:
+            stream.pending.pop(batch_id, None)
+            stream.probing = False
 
     def open_streams(self) -> int:
         """How many peer sockets are open now (tests, metrics)."""
@@ -325,6 +374,7 @@ class CallBatcher:
         except Exception as exc:
             reason = f"reading answers failed: {exc!r}"
         finally:
+            reason = stream.broken or reason
             stream.closed = True
             if peer.stream is stream:
                 peer.stream = None
@@ -427,6 +477,9 @@ async def serve_call_socket(
                     answers.put(batch_id, None, (400, "a call batch is a list of [name, args]"))
                     continue
                 for index, call in enumerate(calls):
+                    if isinstance(call, list) and call and call[0] == PING_CALL:
+                        answers.put(batch_id, index, (200, None))
+                        continue
                     task: asyncio.Future[tuple[int, Any]] = asyncio.ensure_future(run(sender, call))
                     running.add(task)
                     task.add_done_callback(

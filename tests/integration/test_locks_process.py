@@ -62,12 +62,12 @@ def retry(c: LocalCluster, rng: random.Random, method: str, path: str, body: dic
 
 
 def client(c: LocalCluster, seed: int, stop_at: float, holds: list[Hold],
-           errors: list[str], lock: threading.Lock) -> None:
+           errors: list[str], lock: threading.Lock, ttl_ms: int = TTL_MS) -> None:
     rng = random.Random(seed)
     owner = f"client{seed}"
     while time.monotonic() < stop_at:
         name = rng.choice(NAMES)
-        body = {"owner": owner, "ttl_ms": TTL_MS, "wait_ms": 1500}
+        body = {"owner": owner, "ttl_ms": ttl_ms, "wait_ms": 1500}
         status, grant = retry(c, rng, "POST", f"/v1/locks/{name}", body, stop_at + 10)
         if status == 409:
             continue  # wait_timeout: nothing held

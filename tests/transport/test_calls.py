@@ -582,3 +582,63 @@ async def test_a_peer_that_stops_answering_pings_is_dropped_and_its_calls_cancel
         await ws.send_bytes(msgpack.packb([1, [["op", {}]]]))
         await asyncio.wait_for(cancelled.wait(), 5)
         assert len(server.streams) == 0
+
+
+# --- probing a suspected peer ------------------------------------------------------------
+
+
+async def test_a_probe_closes_a_silent_socket_and_fails_its_calls_at_once(
+    peers: list[Peer],
+) -> None:
+    """A peer cut off by a partition: the socket stays open, nothing comes back. Without
+    the probe the call would wait out its 30 s timeout."""
+
+    async def silent(
+        peer: Peer, ws: web.WebSocketResponse, batch_id: int, calls: list[Any]
+    ) -> None:
+        return None
+
+    batcher = CallBatcher("n2", timeout=30.0)
+    try:
+        peer = await _peer(peers, silent)
+        waiting = asyncio.ensure_future(batcher.call(peer.url, "op", {"n": 1}))
+        await asyncio.sleep(0.05)
+        assert batcher.open_streams() == 1 and not waiting.done()
+        batcher.probe(peer.url, timeout=0.2)
+        batcher.probe(peer.url, timeout=0.2)  # one probe per socket at a time
+        with pytest.raises(ForwardError) as caught:
+            await asyncio.wait_for(waiting, 2.0)
+        assert caught.value.maybe_applied is True
+        assert "ping" in str(caught.value)
+        assert batcher.open_streams() == 0
+        assert [calls[0][0] for calls in peer.batches] == ["op", "ping"]
+        # The next call opens a new socket.
+        peer.handler = _echo
+        assert await batcher.call(peer.url, "op", {"n": 2}) == (200, {"call": "op", "n": 2})
+    finally:
+        await batcher.close()
+
+
+async def test_a_probe_leaves_a_live_peer_and_its_calls_alone() -> None:
+    release = asyncio.Event()
+    ran: list[Any] = []
+
+    async def run(sender: str, call: Any) -> tuple[int, Any]:
+        ran.append(call)
+        await release.wait()
+        return 200, call[1]
+
+    batcher = CallBatcher("n2", timeout=5.0)
+    try:
+        async with Server(run) as server:
+            waiting = asyncio.ensure_future(batcher.call(server.url, "op", {"n": 1}))
+            await asyncio.sleep(0.05)
+            batcher.probe(server.url, timeout=0.2)
+            batcher.probe("http://127.0.0.1:1", timeout=0.2)  # no socket there: nothing
+            await asyncio.sleep(0.4)
+            assert batcher.open_streams() == 1 and not waiting.done()
+            assert ran == [["op", {"n": 1}]]  # the peer answered the ping itself
+            release.set()
+            assert await asyncio.wait_for(waiting, 2.0) == (200, {"n": 1})
+    finally:
+        await batcher.close()
