@@ -11,6 +11,10 @@ keep talking to every node, the partitioned one included:
 - queues: a node leading partitions is cut off. Publishing through the others resumes
   (its partitions move to in-sync replicas); every acknowledged publish is delivered
   after the heal, through every node.
+- cache: a node is cut off while clients read and write overlapping keys through all
+  three. Its shared copies may serve reads until their lease runs out, and nothing it
+  cannot confirm with a peer is acknowledged; the history checker finds no stale read
+  and no lost write, during the cut and after the heal.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import pytest
 
 from service.cluster import LocalCluster, free_base_port, http_json
 
+from . import test_cache_process as cache_run
 from .netlab import NetLab, NetLabUnavailable
 from .test_locks_process import Hold, check_history
 from .test_locks_process import client as lock_client
@@ -40,6 +45,8 @@ ANSWER_BOUND_SECONDS = 8.0
 # slow leader after 1 s) stays invisible this long, then is delivered again: short, so
 # the drain sees it again well within its deadline (at-least-once, as designed).
 DRAIN_VISIBILITY_MS = 3_000
+# The cache answers a write it cannot finish with 503 after this long.
+CACHE_WRITE_BOUND_SECONDS = 7.0
 # Longer than anything here: no lease may lapse while its holder retries a release.
 LOCK_TTL_MS = 60_000
 
@@ -318,3 +325,90 @@ def test_a_partition_leader_cut_off_hands_over_and_nothing_acknowledged_is_lost(
     duplicates = sum(n - 1 for n in delivered.values())
     print(f"delivered {len(delivered)} distinct, {duplicates} duplicate deliveries")
     assert not lost, f"{len(lost)} acknowledged publishes lost, e.g. {lost[:5]}"
+
+
+def test_a_cache_node_cut_off_serves_nothing_stale_and_loses_no_write(
+    lab: NetLab, cluster: LocalCluster
+) -> None:
+    cluster.wait_for_leader(30)
+    cache_run.wait_ready(cluster)
+    history = cache_run.History()
+    started = time.monotonic()
+    stop_at = started + 14
+    threads = [
+        threading.Thread(target=cache_run.client, args=(cluster, i, stop_at, history),
+                         daemon=True)
+        for i in range(cache_run.CLIENTS)
+    ]
+    for t in threads:
+        t.start()
+    victim = 1
+    cut_off = cluster.nodes[victim].node_id
+    time.sleep(3)
+
+    def home_of(key: str) -> str:
+        status, lines, _ = timed(cluster, 0, "GET", f"/v1/cache/{key}/lines", None, 5)
+        assert status == 200, lines
+        return str(lines["home"])
+
+    # Keys of this test's own (the clients do not touch them): one homed among the
+    # others, of which the cut-off node holds a shared copy, and one homed on it.
+    probes = [f"probe-{i}" for i in range(12)]
+    reachable = next(k for k in probes if home_of(k) != cut_off)
+    unreachable = next((k for k in probes if home_of(k) == cut_off), None)
+    status, reply, _ = timed(cluster, 0, "PUT", f"/v1/cache/{reachable}", {"value": 0}, 10)
+    assert status == 200, reply
+    status, reply, _ = timed(cluster, victim, "GET", f"/v1/cache/{reachable}", None, 10)
+    assert status == 200, reply
+    lab.isolate(victim)
+    cut_at = time.monotonic()
+    cut_outcomes = dict(history.outcomes)
+    # Through the others, a key homed among them takes writes: the first waits for the
+    # cut-off node's shared copy to lapse (its lease, 5 s), the next ones do not.
+    took = []
+    for n in range(3):
+        status, reply, seconds = timed(cluster, 2, "PUT", f"/v1/cache/{reachable}",
+                                       {"value": {"probe": n}}, 10)
+        assert status == 200, (status, reply)
+        took.append(round(seconds, 2))
+    assert max(took[1:]) < 1.0, took
+    if unreachable is not None:
+        # Its home is cut off: answered 503 within the write bound, never left hanging.
+        status, reply, seconds = timed(cluster, 2, "PUT", f"/v1/cache/{unreachable}",
+                                       {"value": "x"}, 10)
+        assert status == 503 and seconds < CACHE_WRITE_BOUND_SECONDS + 2, (status, reply, seconds)
+    print(f"writes to {reachable} (home {home_of(reachable)}) during the cut took {took} s; "
+          f"{unreachable} (home {cut_off}): {status} in {seconds:.2f} s")
+    time.sleep(max(0.0, cut_at + 6 - time.monotonic()))
+    during = {k: history.outcomes[k] - cut_outcomes.get(k, 0) for k in history.outcomes}
+    lab.heal()
+    for t in threads:
+        t.join(14 + 3 * cache_run.TIMEOUT)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    print(f"outcomes: {dict(history.outcomes)}; while node2 was cut off: {during}")
+    assert not history.errors, history.errors[:5]
+    history.checker.assert_ok("during the run")
+
+    # After the heal every key reads back, through every node, at least as new as its
+    # last acknowledged write.
+    cache_run.wait_ready(cluster)
+    for key in cache_run.KEYS:
+        for node in range(cluster.size):
+            deadline = time.monotonic() + 20
+            while True:
+                start = cache_run.now_us()
+                status, body = cache_run.call(cluster, node, "GET", key)
+                end = cache_run.now_us()
+                if status in (200, 404) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert status in (200, 404), f"{key} through node{node + 1}: {status} {body}"
+            if status == 200:
+                version, text = body["version"], cache_run.encode(body["value"])
+            else:
+                version, text = body["error"]["version"], None
+            history.record("read", node, key, text, version, start, end)
+            last = history.last_write.get(key)
+            if last is not None:
+                assert version >= last[1], f"{key} via node{node + 1}: v{version} < v{last[1]}"
+    history.checker.assert_ok("after the heal")
