@@ -61,6 +61,8 @@ class PeerLink:
         self.failures = 0  # failed attempts
         self.expired = 0  # messages dropped after max_age
         self.down_since: float | None = None  # monotonic time of the first failure in a row
+        # Start (monotonic) of each post still waiting for the peer, by worker.
+        self._posting: dict[int, float] = {}
 
     def put(self, message: Message) -> None:
         if message in self._queued:
@@ -69,14 +71,21 @@ class PeerLink:
         self._queue.append((time.monotonic(), message))
         self._wake.set()
 
+    def stalled_for(self, now: float) -> float:
+        """How long the oldest post still waiting for the peer has waited (0 if none).
+        A peer cut off by a network partition does not refuse a post, it never answers
+        it; the owner probes such a peer (CallBatcher.probe) instead of waiting out the
+        call's timeout."""
+        return now - min(self._posting.values()) if self._posting else 0.0
+
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
 
     async def run(self) -> None:
-        await asyncio.gather(*(self._worker() for _ in range(self.concurrency)))
+        await asyncio.gather(*(self._worker(i) for i in range(self.concurrency)))
 
-    async def _worker(self) -> None:
+    async def _worker(self, worker: int) -> None:
         backoff = self.min_backoff
         while not self._stopping:
             if not self._queue:
@@ -88,9 +97,11 @@ class PeerLink:
             batch = self._take_batch()
             if not batch:
                 continue
+            self._posting[worker] = time.monotonic()
             try:
                 await self._post(self.peer, [m for _, m in batch])
             except Exception as exc:  # any failure: keep the messages, try again later
+                del self._posting[worker]
                 self._queue.extendleft(reversed(batch))
                 self.failures += 1
                 if self.down_since is None:
@@ -102,6 +113,7 @@ class PeerLink:
                 await asyncio.sleep(backoff)
                 backoff = min(self.max_backoff, backoff * 2)
                 continue
+            del self._posting[worker]
             if self.down_since is not None:
                 down_s = round(time.monotonic() - self.down_since, 3)
                 log.info("cache peer reachable again", extra={"peer": self.peer, "down_s": down_s})

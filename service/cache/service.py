@@ -93,6 +93,9 @@ INTERNAL = "/internal/v1/cache"
 MSGPACK = "application/msgpack"
 HOME_MESSAGES = (GetS, GetM, PutS, PutE, PutM, InvAck, FwdDone, Unblock)
 TICK_SECONDS = 0.05
+# A batch of protocol messages unanswered this long makes its peer suspect (see
+# _probe_stalled_peers); a live peer answers one within milliseconds.
+STALLED_POST_SECONDS = 1.0
 METRICS_SECONDS = 1.0
 RPC_TIMEOUT_SECONDS = 2.0
 INSPECT_TIMEOUT_SECONDS = 1.0
@@ -398,12 +401,26 @@ class CacheService:
                 now = now_ms()
                 self._feed(directory.tick(now))
                 self._feed(lines.tick(now))
+                self._probe_stalled_peers()
                 if time.monotonic() - last_metrics >= METRICS_SECONDS:
                     last_metrics = time.monotonic()
                     self.update_metrics()
                     self._prune_inv_timers()
             except Exception:
                 log.exception("cache tick failed")
+
+    def _probe_stalled_peers(self) -> None:
+        """A peer that has left a batch unanswered for STALLED_POST_SECONDS may be cut
+        off: have its sockets answer a ping, or be closed (CallBatcher.probe). The post
+        then fails at once, the link counts the peer as down, and operations that need it
+        answer 503 quickly instead of each waiting out its bound (7 s for a write)."""
+        if self.calls is None:
+            return
+        now = time.monotonic()
+        for peer, link in self._links.items():
+            url = self.peer_urls.get(peer)
+            if url is not None and link.stalled_for(now) > STALLED_POST_SECONDS:
+                self.calls.probe(url)
 
     def _prune_inv_timers(self) -> None:
         cutoff = time.perf_counter() - INV_TIMER_TTL_SECONDS

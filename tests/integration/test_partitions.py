@@ -45,8 +45,6 @@ ANSWER_BOUND_SECONDS = 8.0
 # slow leader after 1 s) stays invisible this long, then is delivered again: short, so
 # the drain sees it again well within its deadline (at-least-once, as designed).
 DRAIN_VISIBILITY_MS = 3_000
-# The cache answers a write it cannot finish with 503 after this long.
-CACHE_WRITE_BOUND_SECONDS = 7.0
 # Longer than anything here: no lease may lapse while its holder retries a release.
 LOCK_TTL_MS = 60_000
 
@@ -373,10 +371,12 @@ def test_a_cache_node_cut_off_serves_nothing_stale_and_loses_no_write(
         took.append(round(seconds, 2))
     assert max(took[1:]) < 1.0, took
     if unreachable is not None:
-        # Its home is cut off: answered 503 within the write bound, never left hanging.
+        # Its home is cut off: 503, and at once. The invalidation of the first write
+        # above went unanswered for a second, so its sockets were pinged and the silent
+        # ones closed: the node knows the home is unreachable (without that, 7 s).
         status, reply, seconds = timed(cluster, 2, "PUT", f"/v1/cache/{unreachable}",
                                        {"value": "x"}, 10)
-        assert status == 503 and seconds < CACHE_WRITE_BOUND_SECONDS + 2, (status, reply, seconds)
+        assert status == 503 and seconds < 2.0, (status, reply, seconds)
     print(f"writes to {reachable} (home {home_of(reachable)}) during the cut took {took} s; "
           f"{unreachable} (home {cut_off}): {status} in {seconds:.2f} s")
     time.sleep(max(0.0, cut_at + 6 - time.monotonic()))
