@@ -15,6 +15,8 @@ keep talking to every node, the partitioned one included:
   three. Its shared copies may serve reads until their lease runs out, and nothing it
   cannot confirm with a peer is acknowledged; the history checker finds no stale read
   and no lost write, during the cut and after the heal.
+- one link: leader and a follower lose only their link. The leader stays (pre-vote: the
+  third node refuses the stranded follower), the term does not move, and writes go on.
 """
 
 from __future__ import annotations
@@ -412,3 +414,35 @@ def test_a_cache_node_cut_off_serves_nothing_stale_and_loses_no_write(
             if last is not None:
                 assert version >= last[1], f"{key} via node{node + 1}: v{version} < v{last[1]}"
     history.checker.assert_ok("after the heal")
+
+
+def test_a_one_link_cut_leaves_the_leader_in_place(lab: NetLab, cluster: LocalCluster) -> None:
+    """Leader and one follower lose their link; both still reach the third node. The
+    stranded follower's pre-votes are refused (the third node hears the leader), so the
+    leader is never deposed and the term does not move; writes go on through the two
+    connected nodes, the stranded one answers its clients 503, and catches up after."""
+    leader = cluster.wait_for_leader(30)
+    before = cluster.health(leader)
+    assert before is not None
+    stranded, bridge = (leader + 1) % 3, (leader + 2) % 3
+    lab.cut(leader, stranded)
+    deadline = time.monotonic() + 6
+    rounds = 0
+    while time.monotonic() < deadline:
+        rounds += 1
+        for node in (leader, bridge):
+            status, reply, took = timed(cluster, node, "POST", f"/v1/locks/one-link-{rounds}",
+                                        {"owner": f"n{node}", "request_id": f"r{rounds}-{node}"},
+                                        5)
+            assert status == 200 and took < 1.0, (node, status, reply, took)
+        views = [cluster.health(i, timeout=1.0) for i in (leader, bridge)]
+        assert all(v and v["term"] == before["term"] and v["leader"] == before["node"]
+                   for v in views), views
+        time.sleep(0.2)
+    status, reply, took = timed(cluster, stranded, "POST", "/v1/locks/one-link-stranded",
+                                {"owner": "s"}, 10)
+    assert status == 503 and took < ANSWER_BOUND_SECONDS, (status, reply, took)
+    lab.heal()
+    views = wait_converged(cluster, 20)
+    assert views[0]["term"] == before["term"] and views[0]["leader"] == before["node"], views
+    print(f"{rounds} rounds of writes while the link was cut; term stayed {before['term']}")
