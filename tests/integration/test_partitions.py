@@ -431,7 +431,8 @@ def test_a_one_link_cut_leaves_the_leader_in_place(lab: NetLab, cluster: LocalCl
     while time.monotonic() < deadline:
         rounds += 1
         for node in (leader, bridge):
-            status, reply, took = timed(cluster, node, "POST", f"/v1/locks/one-link-{rounds}",
+            status, reply, took = timed(cluster, node, "POST",
+                                        f"/v1/locks/one-link-{rounds}-{node}",
                                         {"owner": f"n{node}", "request_id": f"r{rounds}-{node}"},
                                         5)
             assert status == 200 and took < 1.0, (node, status, reply, took)
