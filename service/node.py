@@ -172,6 +172,7 @@ class Node:
                 await self.embedded.start()
             except Exception as exc:
                 raise StartupError(f"embedded redis-server: {exc}") from exc
+            self.embedded.supervise()
             url = self.embedded.url
         self.redis = redis_client(
             url, socket_timeout=10, socket_connect_timeout=3, health_check_interval=30

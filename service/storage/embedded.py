@@ -8,6 +8,7 @@ recognised and show up as a taken port instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import importlib.util
 import logging
@@ -97,6 +98,8 @@ class EmbeddedRedis:
         self._stop_timeout = stop_timeout
         self._die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self.restarts = 0  # times `supervise` brought it back
 
     @property
     def url(self) -> str:
@@ -160,7 +163,44 @@ class EmbeddedRedis:
             },
         )
 
+    def supervise(self, check_seconds: float = 0.5, max_backoff: float = 30.0) -> None:
+        """Restart the server whenever it dies under us (killed, crashed, OOM): the node
+        is its only supervisor. Nothing durable is lost - with appendfsync always every
+        write Redis acknowledged is in the AOF it reloads - and the node's storage
+        retries (5 s for the Raft log) ride out the restart instead of stopping the
+        node. Failed restarts back off up to `max_backoff`."""
+        if self._supervisor is None or self._supervisor.done():
+            self._supervisor = asyncio.ensure_future(self._supervise(check_seconds, max_backoff))
+
+    async def _supervise(self, check_seconds: float, max_backoff: float) -> None:
+        backoff = check_seconds
+        while True:
+            await asyncio.sleep(check_seconds)
+            proc = self._proc
+            if proc is None or proc.poll() is None:
+                continue
+            log.warning(
+                "redis-server exited under the node; restarting it",
+                extra={"pid": proc.pid, "code": proc.returncode, "port": self.port},
+            )
+            try:
+                await self.start()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("redis-server restart failed", extra={"error": str(exc)})
+                await asyncio.sleep(backoff)
+                backoff = min(max_backoff, backoff * 2)
+                continue
+            backoff = check_seconds
+            self.restarts += 1
+
     async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
         proc, self._proc = self._proc, None
         if proc is not None:
             await self._stop_child(proc, timeout=self._stop_timeout)

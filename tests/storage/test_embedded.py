@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import os
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis.exceptions
 from redis.asyncio import Redis
 
 from service.storage import embedded, processes
@@ -36,6 +38,10 @@ def fake_binary(directory: Path, body: str) -> Path:
     path.write_text(f"#!/bin/sh\n{body}\n")
     path.chmod(0o755)
     return path
+
+
+def resolved(path: Path) -> Path:
+    return path.resolve()
 
 
 async def ping(server: EmbeddedRedis) -> bool:
@@ -151,6 +157,52 @@ async def test_a_leftover_server_in_our_dir_is_replaced_and_data_kept(tmp_path: 
         await client.aclose()
         assert read_pidfile(tmp_path) == new.pid
     await old.stop()  # already gone: only reaps it
+
+
+async def test_a_supervised_server_killed_under_us_comes_back_with_its_data(
+    tmp_path: Path,
+) -> None:
+    data_dir = resolved(tmp_path)  # the path the server records
+    server = EmbeddedRedis(data_dir, free_port())
+    await server.start()
+    try:
+        server.supervise(check_seconds=0.05)
+        client = Redis.from_url(server.url)
+        await client.set("dsync:probe", "kept")
+        first = server.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not (server.restarts and server.pid != first) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert server.restarts == 1 and server.pid not in (None, first)
+        await client.aclose()
+        client = Redis.from_url(server.url)
+        assert await client.get("dsync:probe") == b"kept"  # from the AOF
+        await client.aclose()
+        assert read_pidfile(data_dir) == server.pid
+    finally:
+        await server.stop()
+    # Stopped: the supervisor is gone with it and starts nothing.
+    await asyncio.sleep(0.2)
+    assert server.pid is None and not processes.redis_pids_in(data_dir)
+
+
+async def test_an_unsupervised_server_stays_dead(tmp_path: Path) -> None:
+    async with running_redis(tmp_path, free_port()) as server:
+        pid = server.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert wait_gone(pid, timeout=5)
+        await asyncio.sleep(0.3)
+        assert server.restarts == 0 and not await ping_or_false(server)
+
+
+async def ping_or_false(server: EmbeddedRedis) -> bool:
+    try:
+        return await ping(server)
+    except (OSError, redis.exceptions.ConnectionError):
+        return False
 
 
 async def test_a_paused_leftover_is_replaced_too(tmp_path: Path) -> None:
