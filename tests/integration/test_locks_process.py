@@ -92,6 +92,24 @@ def client(c: LocalCluster, seed: int, stop_at: float, holds: list[Hold],
             return
 
 
+def start_clients(
+    c: LocalCluster, count: int, seconds: float, ttl_ms: int = TTL_MS
+) -> tuple[list[Hold], list[str], list[threading.Thread]]:
+    """`count` started client threads that contend for `seconds`; the holds they were
+    granted and the errors they met fill in as they run (join the threads first)."""
+    holds: list[Hold] = []
+    errors: list[str] = []
+    guard = threading.Lock()
+    stop_at = time.monotonic() + seconds
+    threads = [
+        threading.Thread(target=client, args=(c, seed, stop_at, holds, errors, guard, ttl_ms))
+        for seed in range(count)
+    ]
+    for t in threads:
+        t.start()
+    return holds, errors, threads
+
+
 def check_history(holds: list[Hold]) -> None:
     for name in NAMES:
         ordered = sorted((h for h in holds if h.name == name), key=lambda h: h.token)
@@ -109,16 +127,8 @@ def test_contended_locks_survive_leader_kill_and_full_restart(
     cluster: LocalCluster,
 ) -> None:
     cluster.wait_for_leader(30)
-    holds: list[Hold] = []
-    errors: list[str] = []
-    guard = threading.Lock()
+    holds, errors, threads = start_clients(cluster, 8, seconds=9)
     stop_at = time.monotonic() + 9
-    threads = [
-        threading.Thread(target=client, args=(cluster, seed, stop_at, holds, errors, guard))
-        for seed in range(8)
-    ]
-    for t in threads:
-        t.start()
     time.sleep(3)
     leader = cluster.wait_for_leader(10)
     cluster.kill(leader)
@@ -184,16 +194,7 @@ def test_a_leaders_redis_killed_under_load_is_restarted_by_its_node(
     node = cluster.nodes[leader]
     old_redis = read_pidfile(node.data_dir)
     assert old_redis is not None
-    holds: list[Hold] = []
-    errors: list[str] = []
-    guard = threading.Lock()
-    stop_at = time.monotonic() + 9
-    threads = [
-        threading.Thread(target=client, args=(cluster, seed, stop_at, holds, errors, guard))
-        for seed in range(6)
-    ]
-    for t in threads:
-        t.start()
+    holds, errors, threads = start_clients(cluster, 6, seconds=9)
     time.sleep(3)
     killed_at = time.monotonic()
     os.kill(old_redis, signal.SIGKILL)

@@ -21,7 +21,6 @@ keep talking to every node, the partitioned one included:
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Iterator
@@ -33,9 +32,10 @@ import pytest
 from service.cluster import LocalCluster, free_base_port, http_json
 
 from . import test_cache_process as cache_run
+from . import test_queue_process as queue_run
 from .netlab import NetLab, NetLabUnavailable
-from .test_locks_process import Hold, check_history
-from .test_locks_process import client as lock_client
+from .test_locks_process import check_history
+from .test_locks_process import start_clients as start_lock_clients
 from .test_queue_process import producer as queue_producer
 
 pytestmark = pytest.mark.slow
@@ -116,17 +116,7 @@ def test_a_leader_cut_off_steps_down_and_the_majority_grants_locks(
     old = cluster.wait_for_leader(30)
     before = cluster.health(old)
     assert before is not None
-    holds: list[Hold] = []
-    errors: list[str] = []
-    guard = threading.Lock()
-    stop_at = time.monotonic() + 16
-    threads = [
-        threading.Thread(target=lock_client,
-                         args=(cluster, seed, stop_at, holds, errors, guard, LOCK_TTL_MS))
-        for seed in range(8)
-    ]
-    for t in threads:
-        t.start()
+    holds, errors, threads = start_lock_clients(cluster, 8, seconds=16, ttl_ms=LOCK_TTL_MS)
     time.sleep(3)
     followers = [i for i in range(3) if i != old]
     in_flight: list[tuple[int, Any, float]] = []
@@ -302,31 +292,7 @@ def test_a_partition_leader_cut_off_hands_over_and_nothing_acknowledged_is_lost(
         acked["cut-probe"] = healed_at
 
     wait_converged(cluster, 20)
-    delivered: dict[str, int] = {}
-    deadline = time.monotonic() + 60
-    rng = random.Random(7)
-    empty_polls = 0
-    while time.monotonic() < deadline and empty_polls < 6:
-        node = rng.randrange(3)
-        status, reply, _ = timed(cluster, node, "POST", "/v1/queues/drill/consume",
-                                 {"consumer": "drain", "max": 200, "wait_ms": 300,
-                                  "visibility_ms": DRAIN_VISIBILITY_MS}, timeout=5)
-        if status != 200:
-            time.sleep(0.1)
-            continue
-        messages = reply["messages"]
-        if not messages:
-            empty_polls += 1 if set(acked) <= set(delivered) else 0
-            continue
-        empty_polls = 0
-        for m in messages:
-            delivered[m["id"]] = delivered.get(m["id"], 0) + 1
-        timed(cluster, node, "POST", "/v1/queues/drill/ack",
-              {"receipts": [m["receipt"] for m in messages]}, timeout=5)
-    lost = sorted(set(acked) - set(delivered))
-    duplicates = sum(n - 1 for n in delivered.values())
-    print(f"delivered {len(delivered)} distinct, {duplicates} duplicate deliveries")
-    assert not lost, f"{len(lost)} acknowledged publishes lost, e.g. {lost[:5]}"
+    queue_run.drain(cluster, acked, visibility_ms=DRAIN_VISIBILITY_MS)
 
 
 def test_a_cache_node_cut_off_serves_nothing_stale_and_loses_no_write(
@@ -396,25 +362,7 @@ def test_a_cache_node_cut_off_serves_nothing_stale_and_loses_no_write(
     # After the heal every key reads back, through every node, at least as new as its
     # last acknowledged write.
     cache_run.wait_ready(cluster)
-    for key in cache_run.KEYS:
-        for node in range(cluster.size):
-            deadline = time.monotonic() + 20
-            while True:
-                start = cache_run.now_us()
-                status, body = cache_run.call(cluster, node, "GET", key)
-                end = cache_run.now_us()
-                if status in (200, 404) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-            assert status in (200, 404), f"{key} through node{node + 1}: {status} {body}"
-            if status == 200:
-                version, text = body["version"], cache_run.encode(body["value"])
-            else:
-                version, text = body["error"]["version"], None
-            history.record("read", node, key, text, version, start, end)
-            last = history.last_write.get(key)
-            if last is not None:
-                assert version >= last[1], f"{key} via node{node + 1}: v{version} < v{last[1]}"
+    assert cache_run.read_back(cluster, history) == len(cache_run.KEYS) * cluster.size
     history.checker.assert_ok("after the heal")
 
 

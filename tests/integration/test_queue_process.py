@@ -101,15 +101,22 @@ def test_acknowledged_publishes_survive_kill_and_full_restart(cluster: LocalClus
     cluster.start()
     cluster.wait_for_leader(30)
 
+    drain(cluster, acked, visibility_ms=60_000)
+
+
+def drain(c: LocalCluster, acked: dict[str, float], visibility_ms: int) -> None:
+    """Consume and ack through every node in turn until every acknowledged publish was
+    delivered (then 6 empty polls) or 60 s pass; AssertionError naming what was lost.
+    A delivery whose answer was lost comes back after `visibility_ms`."""
     delivered: dict[str, int] = {}
     deadline = time.monotonic() + 60
     empty_polls = 0
     node = 0
     while time.monotonic() < deadline and empty_polls < 6:
-        node = (node + 1) % cluster.size
-        status, reply = call(cluster, node, "POST", f"/v1/queues/{QUEUE}/consume",
+        node = (node + 1) % c.size
+        status, reply = call(c, node, "POST", f"/v1/queues/{QUEUE}/consume",
                              {"consumer": "drain", "max": 200, "wait_ms": 300,
-                              "visibility_ms": 60_000}, timeout=5)
+                              "visibility_ms": visibility_ms}, timeout=5)
         if status != 200:
             time.sleep(0.1)
             continue
@@ -120,7 +127,7 @@ def test_acknowledged_publishes_survive_kill_and_full_restart(cluster: LocalClus
         empty_polls = 0
         for m in messages:
             delivered[m["id"]] = delivered.get(m["id"], 0) + 1
-        call(cluster, node, "POST", f"/v1/queues/{QUEUE}/ack",
+        call(c, node, "POST", f"/v1/queues/{QUEUE}/ack",
              {"receipts": [m["receipt"] for m in messages]}, timeout=5)
     lost = sorted(set(acked) - set(delivered))
     duplicates = sum(n - 1 for n in delivered.values())

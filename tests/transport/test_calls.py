@@ -84,6 +84,10 @@ async def _echo(peer: Peer, ws: web.WebSocketResponse, batch_id: int, calls: lis
     )
 
 
+async def _silent(peer: Peer, ws: web.WebSocketResponse, batch_id: int, calls: list[Any]) -> None:
+    return None  # never answers: a peer that is stuck, or cut off by a partition
+
+
 def _echo_after(wait: Callable[[], Awaitable[object]]) -> Handler:
     """Echo, but only once `wait()` returns (an event set, a delay run out)."""
 
@@ -225,14 +229,9 @@ async def test_a_malformed_answer_is_an_unknown_outcome_and_a_new_socket_follows
 
 
 async def test_an_unanswered_batch_times_out_as_an_unknown_outcome(peers: list[Peer]) -> None:
-    async def silent(
-        peer: Peer, ws: web.WebSocketResponse, batch_id: int, calls: list[Any]
-    ) -> None:
-        return None
-
     batcher = CallBatcher("n2", timeout=0.2)
     try:
-        peer = await _peer(peers, silent)
+        peer = await _peer(peers, _silent)
         with pytest.raises(ForwardError) as caught:
             await batcher.call(peer.url, "op", {"n": 1})
         assert caught.value.maybe_applied is True
@@ -593,14 +592,9 @@ async def test_a_probe_closes_a_silent_socket_and_fails_its_calls_at_once(
     """A peer cut off by a partition: the socket stays open, nothing comes back. Without
     the probe the call would wait out its 30 s timeout."""
 
-    async def silent(
-        peer: Peer, ws: web.WebSocketResponse, batch_id: int, calls: list[Any]
-    ) -> None:
-        return None
-
     batcher = CallBatcher("n2", timeout=30.0)
     try:
-        peer = await _peer(peers, silent)
+        peer = await _peer(peers, _silent)
         waiting = asyncio.ensure_future(batcher.call(peer.url, "op", {"n": 1}))
         await asyncio.sleep(0.05)
         assert batcher.open_streams() == 1 and not waiting.done()
