@@ -177,12 +177,16 @@ class EmbeddedRedis:
         while True:
             await asyncio.sleep(check_seconds)
             proc = self._proc
-            if proc is None or proc.poll() is None:
+            if proc is not None and proc.poll() is None:
                 continue
-            log.warning(
-                "redis-server exited under the node; restarting it",
-                extra={"pid": proc.pid, "code": proc.returncode, "port": self.port},
-            )
+            # Exited, or gone since a restart failed (`start` clears it then): start it.
+            # `stop` cancels this task before it lets the server go, so None here never
+            # means "stopped on purpose".
+            if proc is not None:
+                log.warning(
+                    "redis-server exited under the node; restarting it",
+                    extra={"pid": proc.pid, "code": proc.returncode, "port": self.port},
+                )
             try:
                 await self.start()
             except asyncio.CancelledError:

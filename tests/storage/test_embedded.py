@@ -188,6 +188,29 @@ async def test_a_supervised_server_killed_under_us_comes_back_with_its_data(
     assert server.pid is None and not processes.redis_pids_in(data_dir)
 
 
+async def test_a_failed_restart_is_tried_again(tmp_path: Path) -> None:
+    real, _ = find_redis_server()
+    broken = fake_binary(tmp_path / "broken", "echo 'cannot start'; exit 3")
+    server = EmbeddedRedis(tmp_path / "data", free_port(), binary=real)
+    await server.start()
+    try:
+        # Its restarts fail for a while (here: a binary that exits at once), then work.
+        server._binary = str(broken)
+        server.supervise(check_seconds=0.05, max_backoff=0.2)
+        first = server.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await asyncio.sleep(0.8)
+        assert server.restarts == 0 and server.pid is None
+        server._binary = real
+        deadline = time.monotonic() + 10
+        while not server.restarts and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert server.restarts == 1 and await ping(server)
+    finally:
+        await server.stop()
+
+
 async def test_an_unsupervised_server_stays_dead(tmp_path: Path) -> None:
     async with running_redis(tmp_path, free_port()) as server:
         pid = server.pid
