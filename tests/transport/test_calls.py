@@ -127,6 +127,20 @@ async def _peer(peers: list[Peer], handler: Handler = _echo) -> Peer:
     return peer
 
 
+async def _fails(batcher: CallBatcher, url: str, maybe_applied: bool) -> ForwardError:
+    """One call to url fails, with the outcome `maybe_applied` says; the error."""
+    with pytest.raises(ForwardError) as caught:
+        await batcher.call(url, "op", {"n": 1})
+    assert caught.value.maybe_applied is maybe_applied
+    return caught.value
+
+
+async def _answers_again(batcher: CallBatcher, peer: Peer) -> None:
+    """The peer behaves again: the next call gets its echo."""
+    peer.handler = _echo
+    assert await batcher.call(peer.url, "op", {"n": 2}) == (200, {"call": "op", "n": 2})
+
+
 async def test_calls_of_one_turn_travel_together_and_answer_in_order(
     batcher: CallBatcher, peers: list[Peer]
 ) -> None:
@@ -155,9 +169,7 @@ async def test_calls_queued_behind_a_batch_in_flight_form_the_next_batch(
 
 
 async def test_an_unreachable_peer_means_never_applied(batcher: CallBatcher) -> None:
-    with pytest.raises(ForwardError) as caught:
-        await batcher.call(f"http://127.0.0.1:{free_port()}", "op", {"n": 1})
-    assert caught.value.maybe_applied is False
+    await _fails(batcher, f"http://127.0.0.1:{free_port()}", maybe_applied=False)
 
 
 async def test_a_connection_dropped_after_sending_means_maybe_applied(
@@ -178,10 +190,8 @@ async def test_a_refused_socket_ran_nothing(
 ) -> None:
     peer = await _peer(peers)
     peer.refuse_with = status
-    with pytest.raises(ForwardError) as caught:
-        await batcher.call(peer.url, "op", {"n": 1})
-    assert caught.value.maybe_applied is False
-    assert str(status) in str(caught.value)
+    error = await _fails(batcher, peer.url, maybe_applied=False)
+    assert str(status) in str(error)
 
 
 @pytest.mark.parametrize(("status", "maybe_applied"), [(400, False), (503, False), (500, True)])
@@ -194,12 +204,8 @@ async def test_a_batch_refused_as_a_whole_ran_nothing_unless_the_peer_failed(
         await ws.send_bytes(answer(batch_id, None, status, "no"))
 
     peer = await _peer(peers, refuse)
-    with pytest.raises(ForwardError) as caught:
-        await batcher.call(peer.url, "op", {"n": 1})
-    assert caught.value.maybe_applied is maybe_applied
-    # The socket stays open for the next batch.
-    peer.handler = _echo
-    assert await batcher.call(peer.url, "op", {"n": 2}) == (200, {"call": "op", "n": 2})
+    await _fails(batcher, peer.url, maybe_applied)
+    await _answers_again(batcher, peer)  # on the same socket
     assert len(peer.headers) == 1
 
 
@@ -220,11 +226,8 @@ async def test_a_malformed_answer_is_an_unknown_outcome_and_a_new_socket_follows
             await ws.send_bytes(frame)
 
     peer = await _peer(peers, malformed)
-    with pytest.raises(ForwardError) as caught:
-        await batcher.call(peer.url, "op", {"n": 1})
-    assert caught.value.maybe_applied is True
-    peer.handler = _echo
-    assert await batcher.call(peer.url, "op", {"n": 2}) == (200, {"call": "op", "n": 2})
+    await _fails(batcher, peer.url, maybe_applied=True)
+    await _answers_again(batcher, peer)
     assert len(peer.headers) == 2  # the broken socket was replaced
 
 
@@ -232,12 +235,9 @@ async def test_an_unanswered_batch_times_out_as_an_unknown_outcome(peers: list[P
     batcher = CallBatcher("n2", timeout=0.2)
     try:
         peer = await _peer(peers, _silent)
-        with pytest.raises(ForwardError) as caught:
-            await batcher.call(peer.url, "op", {"n": 1})
-        assert caught.value.maybe_applied is True
+        await _fails(batcher, peer.url, maybe_applied=True)
         # A late answer for the abandoned batch is ignored; the socket serves on.
-        peer.handler = _echo
-        assert await batcher.call(peer.url, "op", {"n": 2}) == (200, {"call": "op", "n": 2})
+        await _answers_again(batcher, peer)
         assert batcher.open_streams() == 1
     finally:
         await batcher.close()
@@ -606,9 +606,7 @@ async def test_a_probe_closes_a_silent_socket_and_fails_its_calls_at_once(
         assert "ping" in str(caught.value)
         assert batcher.open_streams() == 0
         assert [calls[0][0] for calls in peer.batches] == ["op", "ping"]
-        # The next call opens a new socket.
-        peer.handler = _echo
-        assert await batcher.call(peer.url, "op", {"n": 2}) == (200, {"call": "op", "n": 2})
+        await _answers_again(batcher, peer)  # on a new socket
     finally:
         await batcher.close()
 
