@@ -514,9 +514,10 @@ async def test_the_peer_side_refuses_a_malformed_batch_and_closes_on_garbage() -
         assert ws.close_code == aiohttp.WSCloseCode.UNSUPPORTED_DATA
 
 
-async def test_calls_still_running_are_cancelled_when_the_caller_goes() -> None:
-    started = asyncio.Event()
-    cancelled = asyncio.Event()
+def _runs_until_cancelled(
+    started: asyncio.Event, cancelled: asyncio.Event
+) -> Callable[[str, Any], Awaitable[tuple[int, Any]]]:
+    """The peer side of a call that runs (30 s) until cancelled, and says when it was."""
 
     async def run(sender: str, call: Any) -> tuple[int, Any]:
         started.set()
@@ -527,8 +528,14 @@ async def test_calls_still_running_are_cancelled_when_the_caller_goes() -> None:
             raise
         return 200, None
 
+    return run
+
+
+async def test_calls_still_running_are_cancelled_when_the_caller_goes() -> None:
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
     batcher = CallBatcher("n2", timeout=30.0)
-    async with Server(run) as server:
+    async with Server(_runs_until_cancelled(started, cancelled)) as server:
         pending = asyncio.ensure_future(batcher.call(server.url, "op", {}))
         await asyncio.wait_for(started.wait(), 2)
         await batcher.close()
@@ -563,17 +570,8 @@ async def test_a_peer_that_stops_answering_pings_is_dropped_and_its_calls_cancel
     """A peer that vanished without closing (its host gone) must not hold a handler and
     its running calls on this side for good."""
     cancelled = asyncio.Event()
-
-    async def run(sender: str, call: Any) -> tuple[int, Any]:
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return 200, None
-
     async with (
-        Server(run, heartbeat=0.2) as server,
+        Server(_runs_until_cancelled(asyncio.Event(), cancelled), heartbeat=0.2) as server,
         aiohttp.ClientSession() as session,
         # autoping off and never reading: pings go unanswered, as from a vanished host.
         session.ws_connect(server.url + CALLS_PATH, autoping=False) as ws,
