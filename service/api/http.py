@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -51,8 +52,42 @@ async def read_internal_body(
     return b"".join(chunks)
 
 
+# Deeper documents are refused: Python's JSON codecs recurse, and a document nested near
+# the interpreter's recursion limit would parse here and then fail (500) wherever it is
+# encoded again (the log, a forward, a reply). Limits of other parsers, for scale: Rust's
+# serde_json 128, Ruby's JSON 100.
+MAX_JSON_DEPTH = 100
+# A \uD800-\uDFFF escape: the only way a JSON text can hold a lone UTF-16 surrogate,
+# which Python decodes into a str that UTF-8 cannot encode.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def check_json_document(body: object, *, depth: bool, surrogates: bool) -> str | None:
+    """Why a decoded JSON document cannot be accepted, or None. Iterative, so a deep
+    document cannot exhaust the stack here either."""
+    stack: list[tuple[object, int]] = [(body, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict | list):
+            if depth and level > MAX_JSON_DEPTH:
+                return f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                if surrogates and isinstance(k, str):
+                    stack.append((k, level))
+                stack.append((v, level + 1))
+        elif surrogates and isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a JSON string holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF " \
+                    "escape that is not half of a pair)"
+    return None
+
+
 async def read_json(request: web.Request, *, required: bool = True) -> dict[str, Any]:
-    """The request's JSON object; 413 when too large, 400 when not a JSON object."""
+    """The request's JSON object; 413 when too large, 400 when not a JSON object, nested
+    deeper than MAX_JSON_DEPTH, or holding a string UTF-8 cannot encode."""
     limit = request.app[MAX_BODY_KEY]
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "too_large", f"request body is over {limit} bytes")
@@ -69,8 +104,20 @@ async def read_json(request: web.Request, *, required: bool = True) -> dict[str,
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad_request(f"body is not valid JSON: {exc}", "bad_json") from exc
+    except RecursionError as exc:
+        raise bad_request(f"JSON nested deeper than {MAX_JSON_DEPTH} levels",
+                          "bad_json") from exc
     if not isinstance(body, dict):
         raise bad_request("body must be a JSON object", "bad_json")
+    # Both checks walk the document, so each runs only when the raw text makes it
+    # possible: more brackets than the depth limit, or a surrogate escape.
+    problem = check_json_document(
+        body,
+        depth=raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH,
+        surrogates=_SURROGATE_ESCAPE.search(raw) is not None,
+    )
+    if problem is not None:
+        raise bad_request(problem, "bad_json")
     return body
 
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from service.cluster import LocalCluster, free_base_port
+from service.cluster import LocalCluster, free_base_port, http_json
 from service.config import REDIS_PORT_OFFSET
 
-__all__ = ["REDIS_PORT_OFFSET", "free_base_port", "make_cluster", "running_cluster"]
+__all__ = ["REDIS_PORT_OFFSET", "free_base_port", "make_cluster", "running_cluster",
+           "wait_until_cache_started"]
 
 
 def make_cluster(tmp_path: Path, size: int = 3, **env: str) -> LocalCluster:
@@ -55,6 +57,15 @@ def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     each test uses names of its own."""
     with running_cluster(Path(tmp_path_factory.mktemp("cluster"))) as cluster:
         yield cluster
+
+
+def wait_until_cache_started(c: LocalCluster, timeout: float = 20.0) -> None:
+    """Until every node's cache has loaded (before that, cache routes answer 503)."""
+    deadline = time.monotonic() + timeout
+    while not all(http_json("GET", node.url + "/v1/cache", None, timeout=10)[0] == 200
+                  for node in c.nodes):
+        assert time.monotonic() < deadline, "the cache did not start on every node"
+        time.sleep(0.1)
 
 
 def _dump_logs_on_failure(c: LocalCluster) -> None:

@@ -7,7 +7,6 @@ nodes on purpose: a client reading or writing through node X uses X's cache.
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -22,7 +21,7 @@ from service.cache import wire
 from service.cache.messages import PutM
 from service.cluster import LocalCluster, http_json
 from tests.integration.call_socket import send_call_frame
-from tests.integration.conftest import REDIS_PORT_OFFSET
+from tests.integration.conftest import REDIS_PORT_OFFSET, wait_until_cache_started
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +29,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module", autouse=True)
 def cache_ready(c: LocalCluster) -> None:
     """The shared cluster (conftest `c`) with its cache loaded on every node."""
-    deadline = time.monotonic() + 20
-    while not all(call(c, i, "GET", "/v1/cache")[0] == 200 for i in range(c.size)):
-        assert time.monotonic() < deadline, "the cache did not start on every node"
-        time.sleep(0.1)
+    wait_until_cache_started(c)
 
 
 def call(c: LocalCluster, node: int, method: str, path: str, body: Any = None,
