@@ -115,8 +115,10 @@ def _hops(request: web.Request) -> int:
 def _parse(body: bytes) -> Any:
     try:
         return json.loads(body) if body else None
-    except ValueError:
-        return None  # the leader will answer the client's malformed JSON with a 400
+    except (ValueError, RecursionError):
+        # Malformed, or nested past the decoder's recursion limit: the leader answers
+        # the client with a 400 (read_json).
+        return None
 
 
 def wait_seconds(parsed: Any) -> float:

@@ -56,10 +56,12 @@ def send(c: LocalCluster, node: int, method: str, path: str, data: bytes) -> tup
 def test_undecodable_bodies_are_400(c: LocalCluster, method: str, path: str, template: str,
                                     value: str) -> None:
     data = template.replace("{x}", value).encode()
-    # Node 2 is a follower for most routes: the check runs before any forward.
-    status, reply = send(c, 2, method, path, data)
-    assert (status, reply["error"]["code"]) == (400, "bad_json"), reply
-    assert reply["error"]["message"]
+    # Through every node: the Raft leader, a partition leader or home, and the nodes
+    # that would forward the request.
+    for node in range(c.size):
+        status, reply = send(c, node, method, path, data)
+        assert (status, reply["error"]["code"]) == (400, "bad_json"), (node, reply)
+        assert reply["error"]["message"]
 
 
 def test_surrogate_pairs_and_the_deepest_allowed_value_are_accepted(c: LocalCluster) -> None:
