@@ -50,6 +50,7 @@ from service.transport.sessions import client_session
 log = logging.getLogger("dsync.node")
 
 REDIS_LOADING_TIMEOUT_SECONDS = 120.0
+HTTP_KEEPALIVE_SECONDS = 75.0
 
 
 class StartupError(Exception):
@@ -198,7 +199,11 @@ class Node:
 
     async def _start_http(self, app_factory: Any) -> None:
         app = app_factory(self)
-        self._site_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # keepalive_timeout also closes a connection that opened and never finished its
+        # request headers; aiohttp's own default (3630 s) would let slow or stuck clients
+        # pile up connections for an hour. 75 s is what aiohttp's run_app and nginx use.
+        self._site_runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                          keepalive_timeout=HTTP_KEEPALIVE_SECONDS)
         await self._site_runner.setup()
         site = web.TCPSite(self._site_runner, self.settings.host, self.settings.port)
         try:

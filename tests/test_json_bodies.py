@@ -1,10 +1,25 @@
-"""Which decoded JSON documents a node refuses before any route sees them."""
+"""Reading a client's JSON body: which documents a node refuses before any route sees
+them, and what a client that stalls or leaves mid-body gets."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import time
 
-from service.api.http import MAX_JSON_DEPTH, check_json_document
+import aiohttp
+import pytest
+from aiohttp import web
+
+from service.api.http import (
+    BODY_TIMEOUT_KEY,
+    MAX_BODY_KEY,
+    MAX_JSON_DEPTH,
+    check_json_document,
+    error_middleware,
+    read_json,
+)
 
 
 def nested(levels: int) -> object:
@@ -42,3 +57,72 @@ def test_checks_that_are_off_do_not_run() -> None:
     assert check_json_document({"owner": "\ud800"}, depth=True, surrogates=False) is None
     assert check_json_document(nested(MAX_JSON_DEPTH + 5), depth=False,
                                surrogates=True) is None
+
+
+# --- reading the body: a client that stalls or leaves -------------------------------
+
+
+async def _serve_read_json(body_timeout: float) -> tuple[web.AppRunner, int]:
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response(await read_json(request))
+
+    app = web.Application(middlewares=[error_middleware])
+    app[MAX_BODY_KEY] = 1 << 20
+    app[BODY_TIMEOUT_KEY] = body_timeout
+    app.router.add_post("/echo", echo)
+    # lingering_time: after answering a request whose body it did not read, aiohttp
+    # keeps reading (and dropping) that body for up to 10 s before it closes; cleanup
+    # would wait that long for the stalled client's connection.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, lingering_time=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, port
+
+
+async def _send_partial_body(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 40\r\n\r\n{\"owner\": ")
+    await writer.drain()
+    return reader, writer
+
+
+async def test_a_body_that_stalls_gets_408_once_the_body_timeout_passes() -> None:
+    runner, port = await _serve_read_json(body_timeout=0.3)
+    try:
+        reader, writer = await _send_partial_body(port)
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            reply = await reader.readexactly(length)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert json.loads(reply)["error"]["code"] == "body_timeout"
+        assert 0.25 < time.monotonic() - started < 3
+        writer.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_client_leaving_mid_body_is_no_server_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner, port = await _serve_read_json(body_timeout=5)
+    try:
+        with caplog.at_level(logging.INFO):
+            _, writer = await _send_partial_body(port)
+            writer.close()
+            await writer.wait_closed()
+            # The server answers (or finishes) a well-formed request meanwhile.
+            async with aiohttp.ClientSession() as session, session.post(
+                f"http://127.0.0.1:{port}/echo", json={"ok": 1}
+            ) as response:
+                assert response.status == 200
+            await asyncio.sleep(0.2)
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == [], [r.getMessage() for r in errors]
+    finally:
+        await runner.cleanup()

@@ -8,11 +8,15 @@ from aiohttp import web
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+    def __init__(self, status: int, code: str, message: str, *,
+                 close_connection: bool = False, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        # The connection cannot carry another request (the body was not read to its
+        # end), so the answer closes it.
+        self.close_connection = close_connection
         self.extra = extra
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from service.api.errors import error_response
+from service.api.http import request_id_header
 from service.raft.core import NotLeader
 from service.transport.forward import ForwardError
 
@@ -58,8 +59,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
     parsed = _parse(body)
     idempotent = is_idempotent_body(request, parsed)
     headers = {HOPS_HEADER: str(hops + 1)}
-    if "X-Request-Id" in request.headers:
-        headers["X-Request-Id"] = request.headers["X-Request-Id"]
+    request_id = request_id_header(request)  # 400 before anything is sent when unusable
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LEADER_WAIT_SECONDS
     failed_leader: str | None = None

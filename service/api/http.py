@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -23,6 +24,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 METRICS_KEY: web.AppKey[NodeMetrics] = web.AppKey("metrics", NodeMetrics)
 MAX_BODY_KEY: web.AppKey[int] = web.AppKey("max_body", int)
+# How long a client may take to send its body once its headers are in. A client that
+# stalls mid-body would otherwise hold its connection and handler for good (a slow
+# client attack needs only many such connections); nginx's client_body_timeout is 60 s.
+BODY_TIMEOUT_KEY: web.AppKey[float] = web.AppKey("body_timeout", float)
+DEFAULT_BODY_TIMEOUT_SECONDS = 30.0
 # Peers' WebSockets served by this application, closed when it shuts down.
 STREAMS_KEY: web.AppKey[OpenStreams] = web.AppKey("streams", OpenStreams)
 
@@ -91,11 +97,23 @@ async def read_json(request: web.Request, *, required: bool = True) -> dict[str,
     limit = request.app[MAX_BODY_KEY]
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "too_large", f"request body is over {limit} bytes")
+    timeout = request.app.get(BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT_SECONDS)
     try:
         # request.read() caches the body, so forwarding can still send it on after a read.
-        raw = await request.read()
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise ApiError(413, "too_large", f"request body is over {limit} bytes") from exc
+    except TimeoutError as exc:
+        raise ApiError(408, "body_timeout",
+                       f"the request body did not arrive within {timeout:g} s",
+                       close_connection=True) from exc
+    except ConnectionResetError as exc:
+        # The client went away mid-body: nobody will read this answer, and it is no
+        # server error to log with a traceback.
+        raise ApiError(400, "incomplete_body",
+                       "the connection closed before the body arrived",
+                       close_connection=True) from exc
     if not raw.strip():
         if required:
             raise bad_request("a JSON object body is required", "bad_json")
@@ -146,7 +164,7 @@ def field_int(body: dict[str, Any], name: str, default: int, low: int, high: int
 
 
 def request_id_of(request: web.Request, body: dict[str, Any]) -> str | None:
-    return request_id_from(body, request.headers.get("X-Request-Id"))
+    return request_id_from(body, request_id_header(request))
 
 
 def request_id_from(body: dict[str, Any], header: str | None) -> str | None:
@@ -156,7 +174,27 @@ def request_id_from(body: dict[str, Any], header: str | None) -> str | None:
         return None
     if not isinstance(rid, str) or not rid or len(rid) > 128:
         raise bad_request("'request_id' must be a string of 1-128 characters")
+    if not _is_utf8_text(rid):
+        raise bad_request("'request_id' must be UTF-8 text")
     return rid
+
+
+def request_id_header(request: web.Request) -> str | None:
+    """The X-Request-Id header, checked before it is sent anywhere; 400 when it holds
+    bytes that are not UTF-8 (aiohttp maps them to lone surrogates, which nothing
+    downstream can encode)."""
+    header = request.headers.get("X-Request-Id")
+    if header is not None and not _is_utf8_text(header):
+        raise bad_request("the X-Request-Id header must be UTF-8 text")
+    return header
+
+
+def _is_utf8_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def raft_error(exc: Exception) -> ApiError | None:
@@ -195,7 +233,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message, **exc.extra)
+        response = error_response(exc.status, exc.code, exc.message, **exc.extra)
+        if exc.close_connection:
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

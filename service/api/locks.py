@@ -17,7 +17,13 @@ from aiohttp import web
 
 from service.api.calls import LeaderCall, leader_call, run_on_leader
 from service.api.errors import ApiError, bad_request
-from service.api.http import field_int, field_str, read_json, request_id_from
+from service.api.http import (
+    field_int,
+    field_str,
+    read_json,
+    request_id_from,
+    request_id_header,
+)
 from service.locks.commands import MAX_NAME_BYTES, MAX_OWNER_BYTES, MAX_TTL_MS
 from service.locks.service import LockService
 from service.locks.table import LockView
@@ -163,7 +169,7 @@ def _leader_route(method: str, path: str, call: str) -> Callable[[LeaderCall], L
             args = {
                 "name": request.match_info.get("name"),
                 "body": body,
-                "rid": request.headers.get("X-Request-Id"),
+                "rid": request_id_header(request),
             }
             return await run_on_leader(request, call, args)
 

@@ -67,9 +67,15 @@ def random_body(rng: random.Random) -> bytes:
     ).encode()
 
 
-def send(url: str, method: str, data: bytes) -> int:
+# X-Request-Id values; http.client sends "\xff" as the byte 0xff, which is not UTF-8.
+REQUEST_IDS = [None, None, None, "\xff\xfe", "a" * 200, "fuzz-id", " "]
+
+
+def send(url: str, method: str, data: bytes, request_id: str | None) -> int:
     request = urllib.request.Request(url, data=data or None, method=method)
     request.add_header("Content-Type", "application/json")
+    if request_id is not None:
+        request.add_header("X-Request-Id", request_id)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             response.read()
@@ -88,11 +94,13 @@ def test_random_requests_never_get_a_500_or_hang(c: LocalCluster, seed: int) -> 
         url = (c.nodes[rng.randrange(c.size)].url + route.replace("{n}", rng.choice(NAMES))
                + rng.choice(QUERIES))
         data = random_body(rng)
+        request_id = rng.choice(REQUEST_IDS)
         try:
-            status = send(url, method, data)
+            status = send(url, method, data, request_id)
         except OSError as exc:  # a timeout or a dropped connection
             pytest.fail(f"seed {seed} request {i}: {method} {url} {data[:200]!r}: {exc!r}")
         assert status < 500 or status == 503, (
-            f"seed {seed} request {i}: {method} {url} {data[:200]!r} -> {status} "
+            f"seed {seed} request {i}: {method} {url} {data[:200]!r} "
+            f"X-Request-Id {request_id!r} -> {status} "
             f"(replay: DSYNC_FUZZ_SEED={seed})"
         )

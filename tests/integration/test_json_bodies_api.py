@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+import uuid
 from typing import Any
 
 import pytest
@@ -73,3 +74,35 @@ def test_surrogate_pairs_and_the_deepest_allowed_value_are_accepted(c: LocalClus
     assert status == 200, reply
     status, reply = send(c, 0, "GET", "/v1/cache/json-ok", b"")
     assert status == 200 and json.dumps(reply["value"]) == json.dumps(json.loads(deepest))
+
+
+def send_with_header(c: LocalCluster, node: int, method: str, path: str, data: bytes,
+                     header: str) -> tuple[int, Any]:
+    # http.client sends header values as latin-1: "\xff" goes out as the byte 0xff,
+    # which is not UTF-8 (aiohttp hands it on as a lone surrogate).
+    request = urllib.request.Request(c.nodes[node].url + path, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    request.add_header("X-Request-Id", header)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/v1/locks/rid-bytes", {"owner": "o"}),
+    ("POST", "/lock", {"resource": "rid-bytes-seed", "owner": "o"}),
+    ("PUT", "/v1/kv/rid-bytes", {"value": "v"}),
+], ids=["lock", "seed-lock", "kv"])
+def test_a_request_id_header_that_is_not_utf8_is_400(c: LocalCluster, method: str,
+                                                     path: str, body: dict[str, Any]) -> None:
+    for node in range(c.size):
+        status, reply = send_with_header(c, node, method, path, json.dumps(body).encode(),
+                                         "\xff\xfe-id")
+        assert (status, reply["error"]["code"]) == (400, "bad_request"), (node, reply)
+        assert "X-Request-Id" in reply["error"]["message"]
+    # The same request with a proper id goes through.
+    status, reply = send_with_header(c, 0, method, path, json.dumps(body).encode(),
+                                     f"id-{uuid.uuid4().hex}")
+    assert status == 200, reply
