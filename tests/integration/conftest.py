@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from service.cluster import LocalCluster, free_base_port, http_json
 from service.config import REDIS_PORT_OFFSET
 
-__all__ = ["REDIS_PORT_OFFSET", "free_base_port", "make_cluster", "running_cluster",
-           "wait_until_cache_started"]
+__all__ = ["REDIS_PORT_OFFSET", "free_base_port", "make_cluster", "raw_request",
+           "running_cluster", "wait_until_cache_started"]
 
 
 def make_cluster(tmp_path: Path, size: int = 3, **env: str) -> LocalCluster:
@@ -57,6 +61,21 @@ def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     each test uses names of its own."""
     with running_cluster(Path(tmp_path_factory.mktemp("cluster"))) as cluster:
         yield cluster
+
+
+def raw_request(url: str, method: str, data: bytes,
+                headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """Send `data` as it is (malformed JSON included) and decode the JSON answer.
+    Header values go out as latin-1 (http.client's rule): "\xff" is the byte 0xff."""
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
 
 
 def wait_until_cache_started(c: LocalCluster, timeout: float = 20.0) -> None:

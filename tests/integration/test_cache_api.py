@@ -21,7 +21,11 @@ from service.cache import wire
 from service.cache.messages import PutM
 from service.cluster import LocalCluster, http_json
 from tests.integration.call_socket import send_call_frame
-from tests.integration.conftest import REDIS_PORT_OFFSET, wait_until_cache_started
+from tests.integration.conftest import (
+    REDIS_PORT_OFFSET,
+    raw_request,
+    wait_until_cache_started,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -43,16 +47,6 @@ def new_key() -> str:
 
 def path(key: str) -> str:
     return f"/v1/cache/{quote(key, safe='')}"
-
-
-def raw_request(c: LocalCluster, method: str, url_path: str, data: bytes) -> tuple[int, Any]:
-    request = urllib.request.Request(c.nodes[0].url + url_path, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
 
 
 def test_read_your_write_through_every_node(c: LocalCluster) -> None:
@@ -224,7 +218,7 @@ def test_bad_input_is_a_clear_4xx(c: LocalCluster, method: str, key: str, body: 
     ids=["broken-json", "empty-body", "nan"],
 )
 def test_malformed_bodies_are_400(c: LocalCluster, raw: bytes, code: str) -> None:
-    status, err = raw_request(c, "PUT", "/v1/cache/malformed", raw)
+    status, err = raw_request(c.nodes[0].url + "/v1/cache/malformed", "PUT", raw)
     assert (status, err["error"]["code"]) == (400, code), err
 
 

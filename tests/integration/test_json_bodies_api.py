@@ -5,8 +5,6 @@ JSON, not 500. Found by throwing random bodies at a running cluster."""
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 import uuid
 from typing import Any
 
@@ -14,7 +12,7 @@ import pytest
 
 from service.api.http import MAX_JSON_DEPTH
 from service.cluster import LocalCluster
-from tests.integration.conftest import wait_until_cache_started
+from tests.integration.conftest import raw_request, wait_until_cache_started
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module", autouse=True)
 def cache_ready(c: LocalCluster) -> None:
     wait_until_cache_started(c)
+
 
 # (method, path, body template): "{x}" is replaced by the offending JSON value.
 ROUTES = [
@@ -40,16 +39,6 @@ TOO_DEEP = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
 AT_RECURSION_LIMIT = "[" * 5000 + "]" * 5000
 
 
-def send(c: LocalCluster, node: int, method: str, path: str, data: bytes) -> tuple[int, Any]:
-    request = urllib.request.Request(c.nodes[node].url + path, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-
-
 @pytest.mark.parametrize(("method", "path", "template"), ROUTES,
                          ids=[f"{m} {p}" for m, p, _ in ROUTES])
 @pytest.mark.parametrize("value", [LONE_SURROGATE, TOO_DEEP, AT_RECURSION_LIMIT],
@@ -60,34 +49,22 @@ def test_undecodable_bodies_are_400(c: LocalCluster, method: str, path: str, tem
     # Through every node: the Raft leader, a partition leader or home, and the nodes
     # that would forward the request.
     for node in range(c.size):
-        status, reply = send(c, node, method, path, data)
+        status, reply = raw_request(c.nodes[node].url + path, method, data)
         assert (status, reply["error"]["code"]) == (400, "bad_json"), (node, reply)
         assert reply["error"]["message"]
 
 
 def test_surrogate_pairs_and_the_deepest_allowed_value_are_accepted(c: LocalCluster) -> None:
     emoji = '"\\ud83d\\ude00"'
-    status, reply = send(c, 1, "POST", "/v1/locks/json-ok", f'{{"owner": {emoji}}}'.encode())
+    status, reply = raw_request(c.nodes[1].url + "/v1/locks/json-ok", "POST",
+                                f'{{"owner": {emoji}}}'.encode())
     assert status == 200 and reply["owner"] == "\U0001f600", reply
     deepest = "[" * (MAX_JSON_DEPTH - 1) + "]" * (MAX_JSON_DEPTH - 1)
-    status, reply = send(c, 1, "PUT", "/v1/cache/json-ok", f'{{"value": {deepest}}}'.encode())
+    status, reply = raw_request(c.nodes[1].url + "/v1/cache/json-ok", "PUT",
+                                f'{{"value": {deepest}}}'.encode())
     assert status == 200, reply
-    status, reply = send(c, 0, "GET", "/v1/cache/json-ok", b"")
+    status, reply = raw_request(c.nodes[0].url + "/v1/cache/json-ok", "GET", b"")
     assert status == 200 and json.dumps(reply["value"]) == json.dumps(json.loads(deepest))
-
-
-def send_with_header(c: LocalCluster, node: int, method: str, path: str, data: bytes,
-                     header: str) -> tuple[int, Any]:
-    # http.client sends header values as latin-1: "\xff" goes out as the byte 0xff,
-    # which is not UTF-8 (aiohttp hands it on as a lone surrogate).
-    request = urllib.request.Request(c.nodes[node].url + path, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    request.add_header("X-Request-Id", header)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
 
 
 @pytest.mark.parametrize(("method", "path", "body"), [
@@ -98,11 +75,13 @@ def send_with_header(c: LocalCluster, node: int, method: str, path: str, data: b
 def test_a_request_id_header_that_is_not_utf8_is_400(c: LocalCluster, method: str,
                                                      path: str, body: dict[str, Any]) -> None:
     for node in range(c.size):
-        status, reply = send_with_header(c, node, method, path, json.dumps(body).encode(),
-                                         "\xff\xfe-id")
+        # "\xff" goes out as the byte 0xff, which is not UTF-8 (aiohttp hands it on
+        # as a lone surrogate).
+        status, reply = raw_request(c.nodes[node].url + path, method,
+                                    json.dumps(body).encode(), {"X-Request-Id": "\xff\xfe-id"})
         assert (status, reply["error"]["code"]) == (400, "bad_request"), (node, reply)
         assert "X-Request-Id" in reply["error"]["message"]
     # The same request with a proper id goes through.
-    status, reply = send_with_header(c, 0, method, path, json.dumps(body).encode(),
-                                     f"id-{uuid.uuid4().hex}")
+    status, reply = raw_request(c.nodes[0].url + path, method, json.dumps(body).encode(),
+                                {"X-Request-Id": f"id-{uuid.uuid4().hex}"})
     assert status == 200, reply
