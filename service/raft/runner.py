@@ -40,6 +40,11 @@ class RunnerStopped(RaftError):
     pass
 
 
+class StoppedOutcomeUnknown(RunnerStopped):
+    """The runner stopped after the command entered the log and before it committed
+    here: another leader may still commit it, so it may or may not apply."""
+
+
 class Sender(Protocol):
     """What the runner needs of a transport (see service.transport.protocols)."""
 
@@ -497,10 +502,12 @@ class RaftRunner:
             listener(core.role, core.term, core.leader)
 
     def _fail_everything(self, exc: BaseException) -> None:
-        for proposal in self._proposals:
+        for proposal in self._proposals:  # never entered the log: not applied
             _settle(proposal.future, exc)
+        # In the log, maybe on other nodes too: the next leader may commit them.
+        unknown = StoppedOutcomeUnknown(f"{exc}; the command may still apply")
         for proposal in self._pending.values():
-            _settle(proposal.future, exc)
+            _settle(proposal.future, unknown)
         for _, future in self._reads:
             _settle(future, exc)
         for future in self._read_waiting.values():

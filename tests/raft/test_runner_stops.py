@@ -1,0 +1,79 @@
+"""What a client learns when the runner stops under it: a command that never entered
+the log did not apply (retry freely); one that did may still be committed by the next
+leader, so its outcome is unknown (retry only with the same request_id)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+
+import pytest
+
+from service.api.http import raft_error
+from service.kv.machine import KvStateMachine
+from service.machines import MachineRegistry
+from service.metrics import NodeMetrics
+from service.raft.core import RaftCore
+from service.raft.messages import Entry, HardState, Snapshot
+from service.raft.runner import RaftRunner, RunnerStopped, StoppedOutcomeUnknown
+from service.statemachine import Command
+from service.storage.memory import InMemoryRaftStorage, InMemoryStateStore
+
+
+class FailingStorage(InMemoryRaftStorage):
+    """Writes succeed until `fail` is set; then every write of entries fails, as when
+    the disk under Redis is full."""
+
+    fail = False
+
+    async def persist(
+        self, hard_state: HardState | None, entries: Sequence[Entry], snapshot: Snapshot | None
+    ) -> None:
+        if self.fail and entries:
+            raise ConnectionError("Connection closed by server.")
+        await super().persist(hard_state, entries, snapshot)
+
+
+def put(key: str) -> Command:
+    return Command("kv.put", {"key": key, "value": "v"}, None, 0)
+
+
+async def started_leader(storage: FailingStorage) -> RaftRunner:
+    core = RaftCore("n1", ("n1",), random.Random(1))
+    runner = RaftRunner(core, storage, InMemoryStateStore(), MachineRegistry([KvStateMachine()]),
+                        NodeMetrics("n1"), tick_seconds=0.01)
+    runner.storage_retry_seconds = 0.3
+    runner.start()
+    for _ in range(300):
+        if core.role.name == "LEADER" and core.applied >= core.log.last_index:
+            return runner
+        await asyncio.sleep(0.01)
+    raise AssertionError("no leader")
+
+
+async def test_a_command_in_the_log_when_storage_fails_has_an_unknown_outcome() -> None:
+    storage = FailingStorage()
+    runner = await started_leader(storage)
+    try:
+        await runner.propose(put("before"), timeout=2)  # storage works
+        storage.fail = True
+        with pytest.raises(StoppedOutcomeUnknown):
+            await runner.propose(put("during"), timeout=5)
+        assert runner.fatal_error is not None
+        # Once stopped, a new command never enters the log: plainly not applied.
+        with pytest.raises(RunnerStopped) as refused:
+            await runner.propose(put("after"), timeout=1)
+        assert not isinstance(refused.value, StoppedOutcomeUnknown)
+    finally:
+        with pytest.raises(ConnectionError):
+            await runner.stop()
+
+
+def test_the_api_tells_unknown_outcomes_from_refusals() -> None:
+    unknown = raft_error(StoppedOutcomeUnknown("raft loop failed"))
+    refused = raft_error(RunnerStopped("node is shutting down"))
+    assert unknown is not None and refused is not None
+    assert (unknown.status, refused.status) == (503, 503)
+    assert "outcome is unknown" in unknown.message and "request_id" in unknown.message
+    assert "outcome" not in refused.message
