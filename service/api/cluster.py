@@ -34,10 +34,15 @@ async def health(request: web.Request) -> web.Response:
             }
         )
     status = node.runner.status()
-    healthy = node.runner.fatal_error is None
+    failed = node.runner.fatal_error is not None
+    # A node whose storage writes are failing (its Redis down or its disk full) cannot
+    # commit anything: not healthy, though it may recover (the Redis supervisor) or stop.
+    storage_ok = node.runner.storage_failing_since is None
+    healthy = not failed and storage_ok
     return web.json_response(
         {
-            "status": "ok" if healthy else "failed",
+            "status": "failed" if failed else "ok" if storage_ok else "degraded",
+            "storage": "ok" if storage_ok else "failing",
             "node": node.node_id,
             "role": _role_name(status.role),
             "term": status.term,

@@ -14,7 +14,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -104,6 +104,9 @@ class RaftRunner:
         self.snapshot_threshold = snapshot_threshold
         self.state_write_delay = state_write_delay
         self.storage_retry_seconds = 5.0
+        # When the current run of failed storage writes began (monotonic); None while
+        # writes succeed.
+        self.storage_failing_since: float | None = None
         self.retryable_errors = retryable_errors
         self.transport: Sender | None = None
         self._inbox: collections.deque[Message] = collections.deque()
@@ -329,7 +332,18 @@ class RaftRunner:
             reraise=True,
         ):
             with attempt:
-                await self.storage.persist(rd.hard_state, rd.entries, rd.snapshot)
+                await self._tracked(self.storage.persist(rd.hard_state, rd.entries, rd.snapshot))
+
+    async def _tracked(self, write: Awaitable[None]) -> None:
+        """Run one storage write, noting since when writes have been failing (cleared
+        by the next write that succeeds): /health reports a node that cannot persist."""
+        try:
+            await write
+        except self.retryable_errors:
+            if self.storage_failing_since is None:
+                self.storage_failing_since = time.monotonic()
+            raise
+        self.storage_failing_since = None
 
     async def _install_snapshot(self, snapshot: Snapshot) -> None:
         hashes = decode_snapshot_data(snapshot.data)
@@ -409,7 +423,7 @@ class RaftRunner:
                     reraise=True,
                 ):
                     with attempt:
-                        await self.state.apply(writes, applied)
+                        await self._tracked(self.state.apply(writes, applied))
             except Exception as exc:
                 self.fatal_error = exc
                 log.critical(

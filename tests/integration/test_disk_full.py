@@ -109,12 +109,18 @@ def test_a_leader_whose_disk_fills_stops_and_nothing_acknowledged_is_lost(
             filler = fill(c.nodes[leader].data_dir)
             filled_at = time.monotonic()
 
-            # Fail-stop: the node exits instead of going on without its disk.
+            # Fail-stop: the node exits instead of going on without its disk. Until it
+            # does, its /health says it cannot persist (503, "degraded").
             process = c.nodes[leader].process
             assert process is not None
+            degraded: list[dict[str, Any]] = []
             deadline = time.monotonic() + 20
             while process.poll() is None and time.monotonic() < deadline:
+                view = c.health(leader, timeout=1)
+                if view is not None and view.get("storage") == "failing":
+                    degraded.append(view)
                 time.sleep(0.1)
+            assert degraded and degraded[0]["status"] == "degraded", degraded[:1]
             assert process.poll() is not None, "the node kept running on a full disk"
             stopped_after = time.monotonic() - filled_at
             acked_at_stop = len(acked)

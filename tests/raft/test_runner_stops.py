@@ -77,3 +77,24 @@ def test_the_api_tells_unknown_outcomes_from_refusals() -> None:
     assert (unknown.status, refused.status) == (503, 503)
     assert "outcome is unknown" in unknown.message and "request_id" in unknown.message
     assert "outcome" not in refused.message
+
+
+async def test_failing_storage_writes_are_noted_until_one_succeeds() -> None:
+    storage = FailingStorage()
+    runner = await started_leader(storage)
+    runner.storage_retry_seconds = 5.0  # long enough to ride out the failure below
+    try:
+        assert runner.storage_failing_since is None
+        storage.fail = True
+        proposal = asyncio.ensure_future(runner.propose(put("k"), timeout=5))
+        for _ in range(100):
+            if runner.storage_failing_since is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert runner.storage_failing_since is not None
+        storage.fail = False  # the Redis supervisor brought it back, say
+        await proposal
+        assert runner.storage_failing_since is None
+        assert runner.fatal_error is None
+    finally:
+        await runner.stop()
