@@ -37,7 +37,8 @@ async def health(request: web.Request) -> web.Response:
     failed = node.runner.fatal_error is not None
     # A node whose storage writes are failing (its Redis down or its disk full) cannot
     # commit anything: not healthy, though it may recover (the Redis supervisor) or stop.
-    storage_ok = node.runner.storage_failing_since is None
+    storage_ok = (node.runner.storage_failing_since is None
+                  and not node.runner.storage_stalled())
     healthy = not failed and storage_ok
     return web.json_response(
         {

@@ -15,7 +15,12 @@ from aiohttp import web
 from service.api.errors import ApiError, bad_request, error_response
 from service.metrics import NodeMetrics
 from service.raft.core import NotLeader, RaftError, TooManyPending, TransferInProgress
-from service.raft.runner import ProposalDropped, RunnerStopped, StoppedOutcomeUnknown
+from service.raft.runner import (
+    OutcomeUnknown,
+    ProposalDropped,
+    RunnerStopped,
+    StorageStalled,
+)
 from service.transport.streams import OpenStreams
 
 log = logging.getLogger("dsync.api")
@@ -203,13 +208,15 @@ def raft_error(exc: Exception) -> ApiError | None:
         return ApiError(429, "too_busy", str(exc))
     if isinstance(exc, NotLeader):
         return ApiError(503, "no_leader", "no leader is known right now; retry shortly")
-    if isinstance(exc, StoppedOutcomeUnknown):
+    if isinstance(exc, OutcomeUnknown):
         return ApiError(
             503,
             "unavailable",
-            "the node stopped before the request committed; the outcome is unknown, "
-            "retry with the same request_id to apply it at most once",
+            f"{exc}: the outcome is unknown, retry with the same request_id to apply it "
+            "at most once",
         )
+    if isinstance(exc, StorageStalled):
+        return ApiError(503, "unavailable", f"{exc}; retry (another node may lead)")
     if isinstance(exc, TransferInProgress | RunnerStopped):
         return ApiError(503, "unavailable", f"{exc}; retry shortly")
     if isinstance(exc, ProposalDropped):

@@ -40,9 +40,23 @@ class RunnerStopped(RaftError):
     pass
 
 
-class StoppedOutcomeUnknown(RunnerStopped):
-    """The runner stopped after the command entered the log and before it committed
-    here: another leader may still commit it, so it may or may not apply."""
+class OutcomeUnknown(RaftError):
+    """The command entered the log, and this node can no longer see it through (it
+    stopped, or cannot write its log): another leader may still commit it, so it may or
+    may not apply. Retry only with the same request_id."""
+
+
+class StorageStalled(RaftError):
+    """This node cannot write its log right now; the command was not proposed."""
+
+
+# A node whose log write has not succeeded this long gives up on what waits for it:
+# the commands in flight get OutcomeUnknown and new ones StorageStalled at once, so
+# their clients can go to another node (the others elect a leader in about half a
+# second) instead of waiting out the whole storage retry budget (storage_retry_seconds).
+# Long enough to ride out a restart of the node's own Redis (about 0.5 s, supervised)
+# and a slow fsync without a client noticing.
+STORAGE_STALL_SECONDS = 2.0
 
 
 class Sender(Protocol):
@@ -107,6 +121,8 @@ class RaftRunner:
         # When the current run of failed storage writes began (monotonic); None while
         # writes succeed.
         self.storage_failing_since: float | None = None
+        # When the log write under way began (monotonic); None between writes.
+        self._log_write_started: float | None = None
         self.retryable_errors = retryable_errors
         self.transport: Sender | None = None
         self._inbox: collections.deque[Message] = collections.deque()
@@ -156,6 +172,7 @@ class RaftRunner:
         when the outcome is unknown (the caller may retry with the same request_id).
         """
         self._check_running()
+        self._check_storage()
         loop = asyncio.get_running_loop()
         proposal = _Proposal(encode_command(command), loop.create_future(), time.monotonic())
         self._proposals.append(proposal)
@@ -165,6 +182,7 @@ class RaftRunner:
     async def read_barrier(self, timeout: float) -> None:
         """Wait until this node (the leader) may serve a linearizable read (ReadIndex)."""
         self._check_running()
+        self._check_storage()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._read_ctx += 1
@@ -196,6 +214,18 @@ class RaftRunner:
     def _check_running(self) -> None:
         if self._stopping or self.fatal_error is not None:
             raise RunnerStopped("node is shutting down")
+
+    def storage_stalled(self) -> bool:
+        """A log write has been under way, or writes failing, for STORAGE_STALL_SECONDS."""
+        now = time.monotonic()
+        return any(
+            since is not None and now - since >= STORAGE_STALL_SECONDS
+            for since in (self._log_write_started, self.storage_failing_since)
+        )
+
+    def _check_storage(self) -> None:
+        if self.storage_stalled():
+            raise StorageStalled("this node cannot write its log right now")
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -325,14 +355,26 @@ class RaftRunner:
     async def _persist(self, rd: Ready) -> None:
         # Persisting the same Ready twice is harmless (entries replace their own suffix), so
         # a Redis blip is retried; if Redis stays away the loop fails and the node stops.
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(self.retryable_errors),
-            wait=wait_exponential(multiplier=0.05, max=1.0),
-            stop=stop_after_delay(self.storage_retry_seconds),
-            reraise=True,
-        ):
-            with attempt:
-                await self._tracked(self.storage.persist(rd.hard_state, rd.entries, rd.snapshot))
+        # A write that has not succeeded STORAGE_STALL_SECONDS after it began, however
+        # its time went (redis-py's own reconnect attempts, our retries, a disk that
+        # hangs), stalls the node: see _on_storage_stall.
+        started = time.monotonic()
+        self._log_write_started = started
+        stall = asyncio.get_running_loop().call_later(
+            STORAGE_STALL_SECONDS, self._on_storage_stall, started)
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(self.retryable_errors),
+                wait=wait_exponential(multiplier=0.05, max=1.0),
+                stop=stop_after_delay(self.storage_retry_seconds),
+                reraise=True,
+            ):
+                with attempt:
+                    await self._tracked(
+                        self.storage.persist(rd.hard_state, rd.entries, rd.snapshot))
+        finally:
+            stall.cancel()
+            self._log_write_started = None
 
     async def _tracked(self, write: Awaitable[None]) -> None:
         """Run one storage write, noting since when writes have been failing (cleared
@@ -344,6 +386,27 @@ class RaftRunner:
                 self.storage_failing_since = time.monotonic()
             raise
         self.storage_failing_since = None
+
+    def _on_storage_stall(self, started: float) -> None:
+        """The log write that began at `started` has not succeeded yet: answer what
+        waits on it rather than keep it waiting for the rest of the retry budget."""
+        if self._log_write_started != started:
+            return  # that write is done
+        log.warning("log write stalled; answering the requests waiting on it",
+                    extra={"pending": len(self._pending), "queued": len(self._proposals)})
+        stalled = StorageStalled("this node cannot write its log right now")
+        unknown = OutcomeUnknown("this node cannot write its log; the command may still "
+                                 "apply through another leader")
+        for proposal in self._proposals:  # not in the log yet
+            _settle(proposal.future, stalled)
+        self._proposals = []
+        for proposal in self._pending.values():  # kept: an apply later is harmless
+            _settle(proposal.future, unknown)
+        for _, future in self._reads:
+            _settle(future, stalled)
+        self._reads = []
+        for future in self._read_waiting.values():
+            _settle(future, stalled)
 
     async def _install_snapshot(self, snapshot: Snapshot) -> None:
         hashes = decode_snapshot_data(snapshot.data)
@@ -519,7 +582,7 @@ class RaftRunner:
         for proposal in self._proposals:  # never entered the log: not applied
             _settle(proposal.future, exc)
         # In the log, maybe on other nodes too: the next leader may commit them.
-        unknown = StoppedOutcomeUnknown(f"{exc}; the command may still apply")
+        unknown = OutcomeUnknown(f"{exc}; the command may still apply")
         for proposal in self._pending.values():
             _settle(proposal.future, unknown)
         for _, future in self._reads:

@@ -16,7 +16,13 @@ from service.machines import MachineRegistry
 from service.metrics import NodeMetrics
 from service.raft.core import RaftCore
 from service.raft.messages import Entry, HardState, Snapshot
-from service.raft.runner import RaftRunner, RunnerStopped, StoppedOutcomeUnknown
+from service.raft.runner import (
+    STORAGE_STALL_SECONDS,
+    OutcomeUnknown,
+    RaftRunner,
+    RunnerStopped,
+    StorageStalled,
+)
 from service.statemachine import Command
 from service.storage.memory import InMemoryRaftStorage, InMemoryStateStore
 
@@ -58,20 +64,20 @@ async def test_a_command_in_the_log_when_storage_fails_has_an_unknown_outcome() 
     try:
         await runner.propose(put("before"), timeout=2)  # storage works
         storage.fail = True
-        with pytest.raises(StoppedOutcomeUnknown):
+        with pytest.raises(OutcomeUnknown):
             await runner.propose(put("during"), timeout=5)
         assert runner.fatal_error is not None
         # Once stopped, a new command never enters the log: plainly not applied.
         with pytest.raises(RunnerStopped) as refused:
             await runner.propose(put("after"), timeout=1)
-        assert not isinstance(refused.value, StoppedOutcomeUnknown)
+        assert not isinstance(refused.value, OutcomeUnknown)
     finally:
         with pytest.raises(ConnectionError):
             await runner.stop()
 
 
 def test_the_api_tells_unknown_outcomes_from_refusals() -> None:
-    unknown = raft_error(StoppedOutcomeUnknown("raft loop failed"))
+    unknown = raft_error(OutcomeUnknown("raft loop failed"))
     refused = raft_error(RunnerStopped("node is shutting down"))
     assert unknown is not None and refused is not None
     assert (unknown.status, refused.status) == (503, 503)
@@ -96,5 +102,38 @@ async def test_failing_storage_writes_are_noted_until_one_succeeds() -> None:
         await proposal
         assert runner.storage_failing_since is None
         assert runner.fatal_error is None
+    finally:
+        await runner.stop()
+
+
+async def test_a_stalled_log_answers_waiting_commands_early_and_the_node_recovers() -> None:
+    storage = FailingStorage()
+    runner = await started_leader(storage)
+    runner.storage_retry_seconds = 5.0
+    loop = asyncio.get_running_loop()
+    try:
+        storage.fail = True
+        started = loop.time()
+        with pytest.raises(OutcomeUnknown):
+            await runner.propose(put("in-flight"), timeout=10)
+        waited = loop.time() - started
+        assert STORAGE_STALL_SECONDS <= waited < STORAGE_STALL_SECONDS + 1.0
+        # While stalled, new commands are refused at once: they never enter the log.
+        with pytest.raises(StorageStalled):
+            await runner.propose(put("refused"), timeout=10)
+        with pytest.raises(StorageStalled):
+            await runner.read_barrier(timeout=10)
+        # Writes work again before the retry budget is spent: the node goes on, and
+        # the command whose outcome was unknown did apply.
+        storage.fail = False
+        for _ in range(300):
+            if runner.storage_failing_since is None:
+                break
+            await asyncio.sleep(0.01)
+        assert runner.fatal_error is None
+        await runner.propose(put("after"), timeout=5)
+        kv = runner.machines.machines[0]
+        assert isinstance(kv, KvStateMachine)
+        assert kv.get("in-flight") is not None and kv.get("refused") is None
     finally:
         await runner.stop()
