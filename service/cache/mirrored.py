@@ -91,6 +91,12 @@ class _Channel:
     def activate(self) -> None:
         if not self.active:
             self.active, self.synced = True, None  # a full image first: it may be behind
+            # Writes whose local write is still under way were offered to the mirrors
+            # active then, not to this one, and its image cannot hold them (it holds
+            # what is durable here): they must follow the image, or this mirror would
+            # claim a position it has a hole in.
+            for sequence, writes in self._owner.writes_in_flight():
+                self.offer(sequence, writes)
             self._wake.set()
 
     def retire(self) -> None:
@@ -107,6 +113,9 @@ class _Channel:
         # is answered by it: "no" at once would fail writes for nothing when the peer
         # comes back, and waiting costs nothing while another peer answers.
         self._pending.append(_Offer(sequence, writes, done))
+        if len(self._pending) > 1 and self._pending[-2].sequence > sequence:
+            # An older write offered late (brought in by a hedge): updates go in order.
+            self._pending.sort(key=lambda o: o.sequence)
         self._wake.set()
         return done
 
@@ -228,7 +237,8 @@ class MirroredCacheStore:
         self._register = register
         self.incarnation = 0
         self._sequence = 0
-        self._local_inflight: set[int] = set()  # sequences whose local write is under way
+        # sequence -> its writes, while its local write is under way
+        self._local_inflight: dict[int, dict[str, str | None]] = {}
         self.channels = [_Channel(peer, self) for peer in self.peers]
         self._tasks: list[asyncio.Task[None]] = []
         self.restored_from: Position | None = None
@@ -244,6 +254,10 @@ class MirroredCacheStore:
             return self.incarnation, min(self._local_inflight) - 1
         return self.position
 
+    def writes_in_flight(self) -> list[tuple[int, dict[str, str | None]]]:
+        """(sequence, writes) of the persists whose local write is under way, in order."""
+        return sorted(self._local_inflight.items())
+
     async def persist(self, writes: Sequence[Persist]) -> None:
         if not self.channels:
             await self.local.persist(writes)
@@ -255,11 +269,11 @@ class MirroredCacheStore:
         sequence = self._sequence
         fields = fields_of(writes)
         offers = {ch.offer(sequence, fields) for ch in self.channels if ch.active}
-        self._local_inflight.add(sequence)
+        self._local_inflight[sequence] = fields
         try:
             await self.local.persist(writes)
         finally:
-            self._local_inflight.discard(sequence)
+            del self._local_inflight[sequence]
         if await self._acknowledged(sequence, fields, offers):
             self._retire_spares()
             return
