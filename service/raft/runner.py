@@ -394,19 +394,28 @@ class RaftRunner:
             return  # that write is done
         log.warning("log write stalled; answering the requests waiting on it",
                     extra={"pending": len(self._pending), "queued": len(self._proposals)})
-        stalled = StorageStalled("this node cannot write its log right now")
-        unknown = OutcomeUnknown("this node cannot write its log; the command may still "
-                                 "apply through another leader")
-        for proposal in self._proposals:  # not in the log yet
-            _settle(proposal.future, stalled)
+        # Pending proposals stay where they are: if the write succeeds after all, their
+        # apply finds their futures answered already, which is harmless.
+        self._answer_waiting(
+            StorageStalled("this node cannot write its log right now"),
+            OutcomeUnknown("this node cannot write its log; the command may still apply "
+                           "through another leader"),
+        )
+
+    def _answer_waiting(self, refusal: BaseException, unknown: BaseException) -> None:
+        """Answer the clients waiting on the log: commands not in it yet and reads get
+        `refusal` (nothing applied; queued ones are dropped), commands in it `unknown`
+        (another leader may still commit them)."""
+        for proposal in self._proposals:
+            _settle(proposal.future, refusal)
         self._proposals = []
-        for proposal in self._pending.values():  # kept: an apply later is harmless
+        for proposal in self._pending.values():
             _settle(proposal.future, unknown)
         for _, future in self._reads:
-            _settle(future, stalled)
+            _settle(future, refusal)
         self._reads = []
         for future in self._read_waiting.values():
-            _settle(future, stalled)
+            _settle(future, refusal)
 
     async def _install_snapshot(self, snapshot: Snapshot) -> None:
         hashes = decode_snapshot_data(snapshot.data)
@@ -579,16 +588,7 @@ class RaftRunner:
             listener(core.role, core.term, core.leader)
 
     def _fail_everything(self, exc: BaseException) -> None:
-        for proposal in self._proposals:  # never entered the log: not applied
-            _settle(proposal.future, exc)
-        # In the log, maybe on other nodes too: the next leader may commit them.
-        unknown = OutcomeUnknown(f"{exc}; the command may still apply")
-        for proposal in self._pending.values():
-            _settle(proposal.future, unknown)
-        for _, future in self._reads:
-            _settle(future, exc)
-        for future in self._read_waiting.values():
-            _settle(future, exc)
+        self._answer_waiting(exc, OutcomeUnknown(f"{exc}; the command may still apply"))
         for _, future in self._read_ready:
             _settle(future, exc)
         for _, future in self._transfers:
