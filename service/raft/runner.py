@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -363,18 +364,23 @@ class RaftRunner:
         stall = asyncio.get_running_loop().call_later(
             STORAGE_STALL_SECONDS, self._on_storage_stall, started)
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(self.retryable_errors),
-                wait=wait_exponential(multiplier=0.05, max=1.0),
-                stop=stop_after_delay(self.storage_retry_seconds),
-                reraise=True,
-            ):
-                with attempt:
-                    await self._tracked(
-                        self.storage.persist(rd.hard_state, rd.entries, rd.snapshot))
+            await self._retrying(
+                lambda: self.storage.persist(rd.hard_state, rd.entries, rd.snapshot))
         finally:
             stall.cancel()
             self._log_write_started = None
+
+    async def _retrying(self, write: Callable[[], Awaitable[None]]) -> None:
+        """A storage write, retried on connection errors with a growing pause for
+        storage_retry_seconds, then raised."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(self.retryable_errors),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            stop=stop_after_delay(self.storage_retry_seconds),
+            reraise=True,
+        ):
+            with attempt:
+                await self._tracked(write())
 
     async def _tracked(self, write: Awaitable[None]) -> None:
         """Run one storage write, noting since when writes have been failing (cleared
@@ -488,14 +494,7 @@ class RaftRunner:
             writes = merge_hash_writes([w for batch, _ in batches for w in batch])
             applied = batches[-1][1]
             try:
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception_type(self.retryable_errors),
-                    wait=wait_exponential(multiplier=0.05, max=1.0),
-                    stop=stop_after_delay(self.storage_retry_seconds),
-                    reraise=True,
-                ):
-                    with attempt:
-                        await self._tracked(self.state.apply(writes, applied))
+                await self._retrying(functools.partial(self.state.apply, writes, applied))
             except Exception as exc:
                 self.fatal_error = exc
                 log.critical(
