@@ -218,10 +218,13 @@ class RaftRunner:
 
     def storage_stalled(self) -> bool:
         """A log write has been under way, or writes failing, for STORAGE_STALL_SECONDS."""
+        started, failing = self._log_write_started, self.storage_failing_since
+        if started is None and failing is None:
+            return False  # the usual case, on every proposal
         now = time.monotonic()
         return any(
             since is not None and now - since >= STORAGE_STALL_SECONDS
-            for since in (self._log_write_started, self.storage_failing_since)
+            for since in (started, failing)
         )
 
     def _check_storage(self) -> None:
