@@ -422,7 +422,11 @@ class Node:
         if self._rejoin_task is not None:
             self._rejoin_task.cancel()
         if runner is not None:
-            await runner.stop()
+            try:
+                await runner.stop()
+            except Exception:
+                # Whatever it was, the rest of the shutdown must still run.
+                log.exception("raft runner did not stop cleanly")
         if self.transport is not None:
             await self.transport.close()
         if self.forwarder is not None:

@@ -244,6 +244,11 @@ class RaftRunner:
                 await asyncio.wait_for(self._task, 5)
             except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
+            except Exception:
+                # The loop failed: already in fatal_error and logged. Raising it here
+                # would cut the node's shutdown short (its HTTP server, peers' sockets
+                # and Redis left running), and the process could then hang on exit.
+                pass
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._drain_state_writes(), 5)
         self._fail_everything(RunnerStopped("node stopped"))
