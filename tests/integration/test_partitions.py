@@ -319,10 +319,14 @@ def test_a_cache_node_cut_off_serves_nothing_stale_and_loses_no_write(
         assert status == 200, lines
         return str(lines["home"])
 
-    # Keys of this test's own (the clients do not touch them): one homed among the
-    # others, of which the cut-off node holds a shared copy, and one homed on it.
-    probes = [f"probe-{i}" for i in range(12)]
-    reachable = next(k for k in probes if home_of(k) != cut_off)
+    # Keys of this test's own (the clients do not touch them): one homed on the node the
+    # writes below go through, of which the cut-off node holds a shared copy, and one
+    # homed on the cut-off node. The first must be homed there: its invalidation is
+    # what makes that node find the cut-off one unreachable (homed on the third node,
+    # it taught only that one, and a CI run then waited out the 7 s bound below).
+    writer = cluster.nodes[2].node_id
+    probes = [f"probe-{i}" for i in range(40)]
+    reachable = next(k for k in probes if home_of(k) == writer)
     unreachable = next((k for k in probes if home_of(k) == cut_off), None)
     status, reply, _ = timed(cluster, 0, "PUT", f"/v1/cache/{reachable}", {"value": 0}, 10)
     assert status == 200, reply
