@@ -62,6 +62,8 @@ def random_body(rng: random.Random) -> bytes:
         return json.dumps(rng.choice(VALUES)).encode()
     if roll < 0.24:
         return b"[" * 3000 + b"]" * 3000
+    if roll < 0.28:  # a surrogate as raw bytes: not UTF-8, but json.loads takes it
+        return b'{"' + rng.choice(FIELDS).encode() + b'": "\xed\xa0\x80"}'
     return json.dumps(
         {rng.choice(FIELDS): rng.choice(VALUES) for _ in range(rng.randint(0, 5))}
     ).encode()
