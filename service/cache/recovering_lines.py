@@ -121,6 +121,7 @@ class RecoveringLineCache(LineCache):
         self._put_sent: dict[str, int] = {}  # evicting key -> when PutE/PutM last went out
         self._floors: dict[str, int] = {}  # removed line -> the last txn it had seen
         self._on_disk: set[str] = set()  # keys whose persisted line must be kept current
+        self._unneeded_on_disk: set[str] = set()  # restored hashes `recover` deletes
         self.persists_skipped = 0
         self.resent = 0  # requests, notices and hand-offs sent again
         self.evictions = 0  # lines evicted for capacity (eviction notices sent)
@@ -150,11 +151,18 @@ class RecoveringLineCache(LineCache):
             self._handoffs[key] = record
         if _must_persist(fields):
             self._on_disk.add(key)
+        else:
+            self._unneeded_on_disk.add(key)
 
     def recover(self) -> list[Action]:
-        """After restoring: answer again every forward whose hand-over was persisted but
-        whose Data/FwdDone may have died with the process. Duplicates are dropped."""
-        actions: list[Action] = []
+        """After restoring: delete the hashes a restart does not need (S and I lines
+        written by versions that kept them), and answer again every forward whose
+        hand-over was persisted but whose Data/FwdDone may have died with the process.
+        Duplicates are dropped."""
+        actions: list[Action] = [
+            PersistLine(self.node, key, None) for key in sorted(self._unneeded_on_disk)
+        ]
+        self._unneeded_on_disk.clear()
         for key in sorted(self._handoffs):
             actions += self._handoffs[key].messages(key, self.node, self.home_of(key))
         return actions
@@ -169,7 +177,9 @@ class RecoveringLineCache(LineCache):
             if record is not None and event.txn > record.txn:
                 del self._handoffs[event.key]
                 self._forget(event.key, record.txn)
-        actions = [a for a in super().step(event, now_ms) if self._worth_persisting(a)]
+        actions = [
+            kept for a in super().step(event, now_ms) if (kept := self._to_persist(a)) is not None
+        ]
         for i, action in enumerate(actions):
             if not isinstance(action, Send):
                 continue
@@ -187,7 +197,9 @@ class RecoveringLineCache(LineCache):
         return actions
 
     def tick(self, now_ms: int) -> list[Action]:
-        """Re-send requests and eviction notices outstanding for `resend_ms` or more."""
+        """Re-send requests and eviction notices outstanding for `resend_ms` or more;
+        drop the txn floors no longer needed."""
+        self._drop_floors()
         actions: list[Action] = []
         for key in sorted(self._pending):
             pending = self._pending[key]
@@ -340,17 +352,20 @@ class RecoveringLineCache(LineCache):
 
     # ---- bookkeeping ---------------------------------------------------------------------
 
-    def _worth_persisting(self, action: Action) -> bool:
+    def _to_persist(self, action: Action) -> Action | None:
+        """What of `action` reaches the disk: only what a restart needs (an owned or
+        evicting line, or a hand-off record) is kept there. Anything else replacing such a
+        hash on disk deletes it instead; otherwise it is not written at all."""
         if not isinstance(action, PersistLine):
-            return True
+            return action
         if action.fields is not None and _must_persist(action.fields):
             self._on_disk.add(action.key)
-            return True
-        if action.key in self._on_disk:  # replaces an owned line or a record on disk
+            return action
+        if action.key in self._on_disk:
             self._on_disk.discard(action.key)
-            return True
+            return action if action.fields is None else replace(action, fields=None)
         self.persists_skipped += 1
-        return False
+        return None
 
     def _store(self, line: Line, *, used: bool = False) -> None:
         self._floors.pop(line.key, None)  # the line itself carries its txn again
@@ -376,8 +391,20 @@ class RecoveringLineCache(LineCache):
         return max(txns) if txns else None
 
     def _forget(self, key: str, txn: int) -> None:
-        if key not in self._lines:
+        # Only a key with a request outstanding needs its floor (recovery.py, "Txn floors
+        # last while a request is outstanding"): a grant can be installed only if it
+        # answers that request, and any later request has a new req id.
+        if key not in self._lines and self._awaiting(key):
             self._floors[key] = max(txn, self._floors.get(key, 0))
+
+    def _awaiting(self, key: str) -> bool:
+        pending = self._pending.get(key)
+        return pending is not None and pending.request is not None
+
+    def _drop_floors(self) -> None:
+        """Drop the floors of keys whose request has ended (floors never reach the disk)."""
+        for key in [k for k in self._floors if not self._awaiting(k)]:
+            del self._floors[key]
 
     def _fields(self, key: str) -> dict[str, str] | None:
         fields = super()._fields(key)

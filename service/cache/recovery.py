@@ -52,19 +52,23 @@ Idempotence, so that re-sends and duplicates are harmless:
   instead of forgetting it: otherwise its entry would still name the old owner while the
   requester may already hold the copy, and two nodes could end up writing.
 
-Lines are never forgotten. The base cache deletes a line's hash once the line is evicted
-(after PutS, or after the PutAck of a PutE/PutM) and with it the line's txn, so a late
-duplicate Data of an old transaction would then look like a fresh grant and be installed:
-a stale value in M or E. So a removed line leaves a *txn floor* (in memory and as an I
-tombstone hash), and a Data, Inv or forward at or below the floor is old. Answering a
-forward or an Inv with "no copy here" raises the floor to that txn too: a grant older
-than it, still in flight from before a home restart, must not be installed afterwards.
-The cost is one small hash per key this node ever held, the same order as the homes'
-directory entries, which are never deleted either.
+Txn floors last while a request is outstanding. The base cache forgets a line once it is
+evicted (after PutS, or after the PutAck of a PutE/PutM), and with it the line's txn. A
+grant is installed only if it answers the request outstanding now (its `req`), so a late
+duplicate of an old grant is harmless unless that request is still outstanding. It can
+be: a forward or an Inv answered with "no copy here" while our GetS/GetM is out means
+that a grant older than it, still in flight from before a home restart, carries our
+request's id and must not be installed. So a line removed while its key has a request
+outstanding leaves a *txn floor* (in memory), raised by such answers, and a Data, Inv or
+forward at or below the floor is old. Once the request is answered (the grant's line
+carries the txn) or ends, the floor goes (`tick` drops any left over): every later
+request has a new `req`, which no grant from before can carry. So a node keeps no state
+for keys it no longer holds, however many distinct keys pass through it.
 
 Only what matters after a crash is persisted. A line write is kept only if the line is
-E or M (or evicting), carries a hand-off record, or overwrites such a state on disk; S
-and I lines are not persisted otherwise. Nothing is lost by that: an S line reloads as
+E or M (or evicting) or carries a hand-off record; when such a hash on disk is replaced
+by anything else (an S or I line, a floor, nothing), it is deleted. S and I lines are
+never persisted. Nothing is lost by that: an S line reloads as
 I anyway, and a node never installs a grant left over from before its restart (its
 request ids are new), so it needs no txn floor from disk to recognise one. Misses and
 invalidations then cost no Redis write on the node that had the copy.

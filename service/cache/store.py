@@ -7,9 +7,10 @@ them (`LineCache.restore`, `Directory.restore`).
 
 Redis layout (readable with redis-cli):
 
-    dsync:cache:line:<key>      hash  this node's line: state, version, txn, value (when
-                                      valid), evicting; an I "tombstone" keeps only the
-                                      txn; h_* fields: a hand-off record (recovery.py)
+    dsync:cache:line:<key>      hash  this node's line while it is E or M (or evicting) or
+                                      holds a hand-off record (recovery.py): state,
+                                      version, txn, value, evicting; h_* fields: the
+                                      record (an I line with a record is a "tombstone")
     dsync:cache:dir:<key>       hash  the directory entry of a key this node homes: state,
                                       owner, owner_txn, owner_req, sharers (JSON), version,
                                       txn, value; fwd_* fields: a forward in progress

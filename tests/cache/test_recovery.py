@@ -20,6 +20,7 @@ from service.cache import (
     LocalRead,
     LocalWrite,
     PersistEntry,
+    PersistLine,
     PutAck,
     PutM,
     Send,
@@ -150,6 +151,19 @@ def test_a_restarted_owner_sends_its_hand_over_again():
     ]
 
 
+def test_a_restart_deletes_the_hashes_it_does_not_need():
+    # Earlier versions left I tombstones and S lines on disk for every key ever held.
+    restarted = cache()
+    restarted.restore("old", {"state": "I", "version": "3", "txn": "7"})
+    restarted.restore("shared", {"state": "S", "version": "1", "txn": "2", "value": '"s"'})
+    restarted.restore("owned", {"state": "M", "version": "2", "txn": "3", "value": '"m"'})
+    assert restarted.recover() == [
+        PersistLine(NODE, "old", None),
+        PersistLine(NODE, "shared", None),
+    ]
+    assert restarted.state("owned", 0) is State.M and restarted.recover() == []
+
+
 def test_nothing_here_is_said_again_and_makes_older_grants_stale():
     c = cache()
     c.step(LocalWrite(1, "k", "x"), 0)  # GetM in flight; the grant (txn 1) is delayed
@@ -177,19 +191,53 @@ def test_an_inv_for_a_copy_we_do_not_have_makes_older_grants_stale():
     assert replies(late) == [] and c.state("k", 1) is State.I
 
 
-def test_an_evicted_line_leaves_a_tombstone_that_stops_late_grants():
+def test_an_evicted_line_leaves_nothing_behind_and_a_late_grant_is_still_not_installed():
+    # Nothing asks for "a" any more, so no grant can answer a request of ours: its hash
+    # is deleted, no floor is kept, and a late duplicate of its grant is acked, not used.
     c = owning(State.E, key="a", max_entries=1)
     c.step(LocalRead(1, "b"), 0)
     c.step(Data("b", HOME, 1, State.E, '"b"', 1, 0, REQ + 1), 0)  # evicts a: PutE
     out = c.step(PutAck("a", HOME, 1), 0)
-    assert persisted(out)["a"] == {"state": "I", "version": "0", "txn": "1"}
-    assert c.floor("a") == 1
+    assert persisted(out) == {"a": None}
+    assert c.floor("a") is None
     assert c.step(Data("a", HOME, 1, State.E, '"v"', 0, 0, REQ), 0) == [
         Send(HOME, Unblock("a", NODE, 1))
     ]
+    assert c.state("a", 0) is State.I and c.state("b", 0) is State.E
     restarted = cache()
-    restarted.restore("a", persisted(out)["a"])
     assert replies(restarted.step(Data("a", HOME, 1, State.E, '"v"', 0, 0, REQ), 0)) == []
+
+
+def test_a_floor_lasts_while_the_request_is_outstanding_and_never_reaches_the_disk():
+    c = owning(State.M, key="k", max_entries=1)
+    c.step(LocalRead(1, "b"), 0)
+    c.step(Data("b", HOME, 1, State.E, '"b"', 1, 0, REQ + 1), 0)  # evicts k: PutM
+    c.step(LocalRead(2, "k"), 0)  # waits for the eviction to finish
+    out = c.step(PutAck("k", HOME, 1), 0)  # buffer gone; our GetS goes out
+    assert messages(out) == [GetS("k", NODE, REQ + 2)] and c.floor("k") == 1
+    assert persisted(out)["k"] is None  # the evicting line on disk is deleted, not a tombstone
+    # A grant from before, even one carrying our request's id, is old.
+    assert c.step(Data("k", HOME, 1, State.E, '"v"', 1, 0, REQ + 2), 0) == [
+        Send(HOME, Unblock("k", NODE, 1))
+    ]
+    assert c.state("k", 0) is State.I and c.floor("k") == 1
+    out = c.step(Inv("k", HOME, 5), 0)  # acked with no copy while our GetS is out
+    assert messages(out) == [InvAck("k", NODE, 5)] and c.floor("k") == 5
+    assert persisted(out) == {}
+    assert replies(c.step(Data("k", HOME, 4, State.S, '"old"', 1, LEASE, REQ + 2), 0)) == []
+    assert c.state("k", 0) is State.I
+    c.step(Data("k", HOME, 6, State.S, '"new"', 2, LEASE, REQ + 2), 0)  # the real answer
+    assert c.state("k", 0) is State.S and c.floor("k") is None
+
+
+def test_a_floor_left_when_the_request_ends_some_other_way_is_dropped_on_the_next_tick():
+    c = cache()
+    c.step(LocalRead(1, "k"), 0)
+    c.step(Inv("k", HOME, 5), 0)
+    assert c.floor("k") == 5
+    c._pending["k"].request = None  # as if the request ended without a line
+    c.tick(0)
+    assert c.floor("k") is None
 
 
 # ---- home ---------------------------------------------------------------------------------
