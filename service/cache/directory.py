@@ -25,6 +25,16 @@ Design choices, and why:
   dropped (PutS/PutE/PutM must match the grant they came from, so a late notice from
   an older copy can never remove a newer one). Data travels with its version and only
   replaces older data.
+- Entries of deleted keys are retired. An entry with no copies, no value and nothing
+  running or queued is dropped (its hash deleted), so a home holds state only for keys
+  that have a value or a copy, however many distinct keys come and go. What the entry
+  still guarded is that its key's txn and version only grow: late messages are told
+  apart by txn, and versions name values. So the home keeps one *retired floor*, the
+  highest txn and version of any entry it dropped (persisted, in the same transaction
+  as the deletion, under the key "" that no cache key can have), and a key it has no
+  entry for starts from that floor. A dropped key therefore reads as absent at the
+  floor's version (at least its own last version) and its next write gets a version
+  above any the key had.
 - Persistence: the entry's stable fields (state, owner, sharers, version, value, txn)
   are persisted before anything is sent, and they already describe the transaction's
   outcome once the grant is on its way. The lease times are not persisted: they are on
@@ -65,6 +75,7 @@ from service.cache.messages import (
 from service.cache.values import decode
 
 QueuedMessage = GetS | GetM | PutS | PutE | PutM
+RETIRED_KEY = ""  # the persisted retired floor's key: never a cache key (1-512 bytes)
 
 
 @dataclass(slots=True)
@@ -170,6 +181,8 @@ class _Txn:
 class _Out:
     def __init__(self) -> None:
         self.dirty: set[str] = set()
+        self.retired: set[str] = set()  # entries dropped: their hashes are deleted
+        self.floor_raised = False
         self.sends: list[Action] = []
 
     def send(self, to: str, message: Message) -> None:
@@ -183,6 +196,9 @@ class Directory:
         self.node = node
         self.lease_ms = lease_ms
         self._entries: dict[str, DirEntry] = {}
+        self.retired_txn = 0  # the highest txn of any entry dropped (see the docstring)
+        self.retired_version = 0  # the highest version of any entry dropped
+        self.retired = 0  # entries dropped
         self._busy: dict[str, _Txn] = {}
         self._queues: dict[str, deque[QueuedMessage]] = {}
         self.lease_drops = 0  # sharers dropped because their lease ran out unacked
@@ -193,11 +209,14 @@ class Directory:
     def entry(self, key: str) -> DirEntry:
         """A copy of the entry for `key` (a fresh I entry if the home never saw it)."""
         entry = self._entries.get(key)
-        return DirEntry(key) if entry is None else entry.copy()
+        return self._fresh(key) if entry is None else entry.copy()
 
     def entries(self) -> Iterator[DirEntry]:
         for key in sorted(self._entries):
             yield self._entries[key].copy()
+
+    def entry_count(self) -> int:
+        return len(self._entries)
 
     def is_busy(self, key: str) -> bool:
         return key in self._busy
@@ -214,6 +233,13 @@ class Directory:
     # ---- restart -------------------------------------------------------------------------
 
     def restore(self, key: str, fields: Mapping[str, str], now_ms: int) -> None:
+        if key == RETIRED_KEY:
+            try:
+                self.retired_txn = max(self.retired_txn, int(fields["txn"]))
+                self.retired_version = max(self.retired_version, int(fields["version"]))
+            except (KeyError, ValueError) as exc:
+                raise ValueError(f"malformed retired floor hash: {exc!r}") from exc
+            return
         self._entries[key] = DirEntry.from_hash(key, fields, now_ms=now_ms, lease_ms=self.lease_ms)
 
     # ---- entry points --------------------------------------------------------------------
@@ -221,7 +247,9 @@ class Directory:
     def step(self, msg: HomeMessage, now_ms: int) -> list[Action]:
         out = _Out()
         key = msg.key
-        entry = self._entries.setdefault(key, DirEntry(key))
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = self._fresh(key)
         match msg:
             case GetS() | GetM() | PutS() | PutE() | PutM():
                 if key in self._busy:
@@ -240,6 +268,15 @@ class Directory:
                     self.stale_dropped += 1
         self._expire(entry, now_ms, out)
         self._settle(entry, now_ms, out)
+        self._retire_if_unused(entry, out)
+        return self._actions(out)
+
+    def retire_unused(self) -> list[Action]:
+        """After restoring: retire every unused entry (one left by a version that kept
+        them, or whose retirement had not been persisted yet)."""
+        out = _Out()
+        for key in sorted(self._entries):
+            self._retire_if_unused(self._entries[key], out)
         return self._actions(out)
 
     def tick(self, now_ms: int) -> list[Action]:
@@ -250,6 +287,7 @@ class Directory:
             entry = self._entries[key]
             self._expire(entry, now_ms, out)
             self._settle(entry, now_ms, out)
+            self._retire_if_unused(entry, out)
         return self._actions(out)
 
     def _expire(self, entry: DirEntry, now: int, out: _Out) -> None:
@@ -264,10 +302,37 @@ class Directory:
             self._grant_exclusive(entry, txn, State.M, out)
 
     def _actions(self, out: _Out) -> list[Action]:
-        persists: list[Action] = [
-            PersistEntry(key, self._entries[key].to_hash()) for key in sorted(out.dirty)
-        ]
+        persists: list[Action] = []
+        if out.floor_raised:  # first: a deletion below must never land without it
+            floor = {"txn": str(self.retired_txn), "version": str(self.retired_version)}
+            persists.append(PersistEntry(RETIRED_KEY, floor))
+        for key in sorted(out.dirty | out.retired):
+            entry = self._entries.get(key)
+            persists.append(PersistEntry(key, None if entry is None else entry.to_hash()))
         return persists + out.sends
+
+    def _fresh(self, key: str) -> DirEntry:
+        """The entry of a key the home has none for: it starts from the retired floor."""
+        return DirEntry(key, version=self.retired_version, txn=self.retired_txn)
+
+    def _retire_if_unused(self, entry: DirEntry, out: _Out) -> None:
+        """Drop the entry of a deleted key nobody holds (see the module docstring)."""
+        key = entry.key
+        if (
+            entry.state is not DirState.I
+            or entry.data is not None
+            or key in self._busy
+            or self._queues.get(key)
+            or self._entries.get(key) is not entry
+        ):
+            return
+        del self._entries[key]
+        self.retired += 1
+        if entry.txn > self.retired_txn or entry.version > self.retired_version:
+            self.retired_txn = max(self.retired_txn, entry.txn)
+            self.retired_version = max(self.retired_version, entry.version)
+            out.floor_raised = True
+        out.retired.add(key)
 
     # ---- requests and notices ------------------------------------------------------------
 

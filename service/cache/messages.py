@@ -234,10 +234,10 @@ class PersistLine:
 
 @dataclass(frozen=True, slots=True)
 class PersistEntry:
-    """Write the home's directory hash for one key."""
+    """Write (or, with fields None, delete) the home's directory hash for one key."""
 
     key: str
-    fields: dict[str, str]
+    fields: dict[str, str] | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from service.cache.directory import Directory, DirEntry, QueuedMessage, _Out, _Txn
+from service.cache.directory import RETIRED_KEY, Directory, DirEntry, QueuedMessage, _Out, _Txn
 from service.cache.messages import (
     Action,
     Data,
@@ -90,6 +90,9 @@ class RecoveringDirectory(Directory):
     # ---- restart -------------------------------------------------------------------------
 
     def restore(self, key: str, fields: Mapping[str, str], now_ms: int) -> None:
+        if key == RETIRED_KEY:
+            super().restore(key, fields, now_ms)
+            return
         forward = _Forward.parse(key, fields)
         try:
             owner_req = int(fields.get("owner_req", "0"))
@@ -233,6 +236,11 @@ class RecoveringDirectory(Directory):
         for i, action in enumerate(actions):
             if isinstance(action, PersistEntry):
                 key = action.key
+                if action.fields is None:  # retired: it was not owned, nothing runs
+                    self._owner_reqs.pop(key, None)
+                    continue
+                if key == RETIRED_KEY:
+                    continue
                 fields = dict(action.fields)
                 entry = self._entries[key]
                 if entry.state is not DirState.OWNED:

@@ -137,6 +137,10 @@ class RecoveringLineCache(LineCache):
         """The txn a removed line had reached (None while the line is held, or never was)."""
         return self._floors.get(key)
 
+    def floors_kept(self) -> int:
+        """Removed lines whose txn is kept (keys with a request outstanding)."""
+        return len(self._floors)
+
     def outstanding(self) -> int:
         """Keys with a request or an eviction notice awaiting the home."""
         waiting = sum(1 for p in self._pending.values() if p.request is not None)

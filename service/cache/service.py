@@ -269,6 +269,7 @@ class CacheService:
             self.store.start()
         self._spawn(self._pipeline.run())
         self._spawn(self._ticker())
+        self._feed(directory.retire_unused())
         self._feed(lines.recover())
         log.info(
             "cache started",

@@ -85,6 +85,7 @@ class FaultyCluster(Cluster):
         for key, fields in sorted(self.dir_disk[node].items()):
             directory.restore(key, fields, self.now)
         self.dirs[node] = directory
+        self.apply(node, directory.retire_unused())  # as the service does on start
         return True
 
     def random_step(self) -> None:
@@ -160,14 +161,22 @@ class FaultyCluster(Cluster):
         self.settle()
 
 
-def run(seed: int, steps: int = 1_500, **kw) -> FaultyCluster:
+CHURN_KEYS = ("a", "b", "c", "d", "e", "f", "g")
+
+
+def run(seed: int, steps: int = 1_500, *, churn: bool = False, **kw) -> FaultyCluster:
+    """One randomized run. `churn`: more keys than any cache holds and many deletes, so
+    that homes keep retiring the entries of deleted keys and bringing them back."""
     shape = random.Random(seed ^ 0xFA17)
     nodes = shape.choice((2, 3, 4))
+    if churn:
+        kw.setdefault("op_weights", (4, 2, 4))
+    keys = CHURN_KEYS if churn else ("a", "b", "c", "d")[: shape.choice((1, 2, 3, 4))]
     cluster = FaultyCluster(
         seed,
         nodes=nodes,
-        keys=("a", "b", "c", "d")[: shape.choice((1, 2, 3, 4))],
-        max_entries=shape.choice((1, 2, 3)),
+        keys=keys,
+        max_entries=shape.choice((1, 2) if churn else (1, 2, 3)),
         max_bytes=shape.choice((12, 64, 1_000)),
         lease_ms=shape.choice((10, 30, 80)),
         policy=shape.choice(("lru", "lfu")),

@@ -72,7 +72,9 @@ class Cluster:
         slow: tuple[str, ...] = (),
         directory_class: type[Directory] = Directory,
         cache_class: type[LineCache] = LineCache,
+        op_weights: tuple[int, int, int] = (6, 3, 1),  # read, write, delete
     ) -> None:
+        self.op_weights = op_weights
         self.directory_class = directory_class
         self.cache_class = cache_class
         self.seed = seed
@@ -120,7 +122,11 @@ class Cluster:
                     else:
                         self.line_disk[node][key] = dict(fields)
                 case PersistEntry(key=key, fields=fields):
-                    self.dir_disk[node][key] = dict(fields)
+                    if fields is None:
+                        self.dir_disk[node].pop(key, None)
+                        self._count("retired")
+                    else:
+                        self.dir_disk[node][key] = dict(fields)
                 case Send():
                     self.network.append(action)
                     self._count(type(action.message).__name__)
@@ -193,6 +199,7 @@ class Cluster:
         for key, fields in sorted(self.dir_disk[node].items()):
             directory.restore(key, fields, self.now)
         self.dirs[node] = directory
+        self.apply(node, directory.retire_unused())  # as the service does on start
         return True
 
     def random_step(self) -> None:
@@ -201,7 +208,7 @@ class Cluster:
         if roll < 0.30:
             node = rng.choice(self.names)
             if sum(op.node == node for op in self.ops.values()) < 3:
-                kind = rng.choices(("read", "write", "delete"), (6, 3, 1))[0]
+                kind = rng.choices(("read", "write", "delete"), self.op_weights)[0]
                 self.issue(node, rng.choice(self.keys), kind)
         elif roll < 0.85:
             if self.network:

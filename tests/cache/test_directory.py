@@ -398,3 +398,90 @@ def test_persist_comes_before_every_send():
 def test_lease_must_be_positive():
     with pytest.raises(ValueError):
         Directory(HOME, lease_ms=0)
+
+
+# ---- retired entries (deleted keys nobody holds) ----------------------------------------------
+
+
+def deleted_and_evicted(version: int = 5) -> tuple[Directory, list]:
+    """`a` deleted K (version `version`, txn 1) and then evicted it: the entry is unused."""
+    d = owned_by("a")
+    return d, d.step(PutM(K, "a", 1, version, None), 0)
+
+
+def test_an_entry_with_no_copy_and_no_value_is_retired_behind_a_floor():
+    d, out = deleted_and_evicted(version=5)
+    assert out == [
+        PersistEntry("", {"txn": "1", "version": "5"}),  # before the deletion it allows
+        PersistEntry(K, None),
+        Send("a", PutAck(K, HOME, 1)),
+    ]
+    assert list(d.entries()) == [] and d.retired == 1
+    assert (d.entry(K).txn, d.entry(K).version) == (1, 5)
+    # The key comes back above everything it had: a new txn, and version 5 reads absent.
+    out = d.step(GetM(K, "b"), 0)
+    assert messages(out) == [Data(K, HOME, 2, State.M, None, 5)]
+    assert persisted(out)[K]["txn"] == "2"
+
+
+def test_a_key_with_a_value_or_a_copy_keeps_its_entry():
+    d = owned_by("a")
+    d.step(PutM(K, "a", 1, 1, '"x"'), 0)  # evicted, but the home keeps its value
+    assert [e.key for e in d.entries()] == [K]
+    d2 = new_dir()  # a copy of an absent value keeps the entry too
+    d2.step(GetS(K, "b"), 0)
+    finish(d2, "b")
+    assert d2.entry(K).owner == "b" and [e.key for e in d2.entries()] == [K]
+
+
+def test_a_busy_or_queued_key_is_not_retired():
+    d = owned_by("a")
+    d.step(GetS(K, "b"), 0)  # forwarded to a: busy
+    d.step(PutM(K, "a", 1, 2, None), 0)  # a's eviction crosses the forward: queued
+    assert d.is_busy(K) and [e.key for e in d.entries()] == [K]
+
+
+def test_the_floor_only_grows_and_is_written_only_when_it_does():
+    d, _ = deleted_and_evicted(version=5)
+    d.step(GetS("other", "b"), 0)
+    d.step(Unblock("other", "b", 2), 0)  # txn 2: from the floor (1) + 1
+    out = d.step(PutE("other", "b", 2, 5), 0)
+    assert persisted(out) == {"": {"txn": "2", "version": "5"}, "other": None}
+    d.step(GetS("third", "b"), 0)
+    d.step(Unblock("third", "b", 3), 0)
+    d.step(PutE("third", "b", 3, 5), 0)
+    d.retired_txn = 9  # as if a later key had raised it
+    out = d.step(PutE("third", "b", 3, 5), 0)  # a late duplicate: stale, no floor change
+    assert persisted(out) == {"third": None}
+    assert messages(out) == [PutAck("third", HOME, 3)]
+
+
+def test_a_late_notice_for_a_retired_key_is_acked_and_leaves_nothing():
+    d, _ = deleted_and_evicted()
+    out = d.step(PutM(K, "a", 1, 5, None), 0)  # the eviction notice again
+    assert messages(out) == [PutAck(K, HOME, 1)]
+    assert list(d.entries()) == [] and d.stale_dropped == 1
+
+
+def test_a_restarted_home_starts_unknown_keys_from_its_persisted_floor():
+    _, out = deleted_and_evicted(version=5)
+    restarted = new_dir()
+    restarted.restore("", persisted(out)[""], 0)
+    assert (restarted.entry("new").txn, restarted.entry("new").version) == (1, 5)
+    assert messages(restarted.step(GetS("new", "b"), 0)) == [
+        Data("new", HOME, 2, State.E, None, 5)
+    ]
+    with pytest.raises(ValueError, match="retired floor"):
+        new_dir().restore("", {"txn": "x"}, 0)
+
+
+def test_a_restarted_home_retires_the_unused_entries_it_loads():
+    d = new_dir()
+    d.restore("gone", DirEntry("gone", version=4, txn=6).to_hash(), 0)
+    d.restore("kept", DirEntry("kept", version=1, data='"v"', txn=2).to_hash(), 0)
+    d.restore(K, DirEntry(K, DirState.S, sharers={"a": 3}, txn=3).to_hash(), 0)
+    assert d.retire_unused() == [
+        PersistEntry("", {"txn": "6", "version": "4"}),
+        PersistEntry("gone", None),
+    ]
+    assert sorted(e.key for e in d.entries()) == ["k", "kept"] and d.retire_unused() == []

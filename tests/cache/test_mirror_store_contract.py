@@ -142,6 +142,14 @@ def test_the_last_write_of_a_hash_in_a_batch_wins() -> None:
     assert writes == {"L:k": None}
 
 
+def test_a_retired_entry_and_the_floor_travel_to_the_mirror_and_back() -> None:
+    floor = {"txn": "4", "version": "2"}
+    writes = fields_of([PersistEntry("", floor), PersistEntry("k", None)])
+    assert writes == {"D:": '{"txn":"4","version":"2"}', "D:k": None}
+    held = {name: raw for name, raw in writes.items() if raw is not None}
+    assert stored_of(held).entries == {"": floor}
+
+
 async def test_concurrent_copies_of_one_update_apply_once(backend: Backend) -> None:
     await backend.store.apply("n1", image((1, 0), a="1"))
     update = MirrorUpdate((1, 1), {"b": "2"}, base=(1, 0))

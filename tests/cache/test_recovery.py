@@ -359,6 +359,37 @@ def test_faulty_runs_exercise_the_faults_and_the_recoveries():
     assert resent > 0 and unmatched > 0
 
 
+@pytest.mark.parametrize("seed", range(60))
+def test_random_faulty_run_with_key_churn_stays_coherent_and_live(seed):
+    cluster = faulty_sim.run(seed, churn=True)
+    assert cluster.checker.reads + cluster.checker.writes > 0
+    for home in cluster.dirs.values():  # settled: only keys with a value or a copy remain
+        for entry in home.entries():
+            assert entry.data is not None or entry.state is not DirState.I, entry
+
+
+def test_churn_runs_retire_entries_and_bring_keys_back():
+    retired = 0
+    for seed in range(10):
+        cluster = faulty_sim.run(seed, churn=True)
+        retired += cluster.counts.get("retired", 0)
+        assert all(d.retired_txn > 0 for d in cluster.dirs.values() if d.retired)
+    assert retired > 50
+
+
+def test_a_recovering_home_retires_an_unused_entry_and_restarts_from_its_floor():
+    d = home()
+    d.step(GetM("k", "o", 7), 0)
+    d.step(Unblock("k", "o", 1), 0)
+    out = d.step(PutM("k", "o", 1, 3, None), 0)  # o deleted k, then evicted it
+    assert persisted(out) == {"": {"txn": "1", "version": "3"}, "k": None}
+    assert list(d.entries()) == []
+    restarted = home()
+    restarted.restore("", persisted(out)[""], 0)
+    out = restarted.step(GetM("k", "o", 7), 0)  # a late copy of o's old request
+    assert messages(out) == [Data("k", HOME, 2, State.M, None, 3, 0, 7)]
+
+
 def test_a_long_faulty_run_stays_coherent():
     faulty_sim.run(4242, steps=8_000)
 
@@ -395,6 +426,27 @@ class ForwardNotPersisted(faulty_sim.RecoveringDir):
         return Directory._actions(self, out)
 
 
+class RetiresWithoutFloor(faulty_sim.RecoveringDir):
+    """Broken: a key whose entry was retired starts again from txn 0 and version 0."""
+
+    def _fresh(self, key):
+        return DirEntry(key)
+
+
+class RetiresWithoutTxnFloor(faulty_sim.RecoveringDir):
+    """Broken: a retired key's versions keep growing, but its txns start again from 0."""
+
+    def _fresh(self, key):
+        return DirEntry(key, version=self.retired_version)
+
+
+class RetiresWithoutVersionFloor(faulty_sim.RecoveringDir):
+    """Broken: a retired key's txns keep growing, but its versions start again from 0."""
+
+    def _fresh(self, key):
+        return DirEntry(key, txn=self.retired_txn)
+
+
 @pytest.mark.parametrize(
     "broken",
     [
@@ -402,8 +454,19 @@ class ForwardNotPersisted(faulty_sim.RecoveringDir):
         {"cache_class": NoHandoffRecords},
         {"cache_class": NoFloors},
         {"directory_class": ForwardNotPersisted},
+        {"directory_class": RetiresWithoutFloor, "churn": True},
+        {"directory_class": RetiresWithoutTxnFloor, "churn": True},
+        {"directory_class": RetiresWithoutVersionFloor, "churn": True},
     ],
-    ids=["accepts-any-grant", "no-handoff-records", "no-floors", "forward-not-persisted"],
+    ids=[
+        "accepts-any-grant",
+        "no-handoff-records",
+        "no-floors",
+        "forward-not-persisted",
+        "retires-without-floor",
+        "retires-without-txn-floor",
+        "retires-without-version-floor",
+    ],
 )
 def test_the_faulty_simulation_catches_a_missing_recovery(broken):
     for seed in range(100):

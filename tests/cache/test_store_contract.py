@@ -115,6 +115,18 @@ async def test_none_fields_delete_a_line(backend: Backend) -> None:
     assert (await backend.store.load()).lines == {"j": I_LINE}
 
 
+async def test_a_retired_entry_is_deleted_with_the_floor_written_in_the_same_batch(
+    backend: Backend,
+) -> None:
+    floor = {"txn": "4", "version": "2"}
+    await backend.store.persist([PersistEntry("k", ENTRY), PersistEntry("j", ENTRY)])
+    await backend.store.persist([PersistEntry("", floor), PersistEntry("k", None)])
+    await backend.reopen()
+    assert (await backend.store.load()).entries == {"": floor, "j": ENTRY}
+    if backend.redis is not None:  # what redis-cli shows
+        assert await backend.redis.hgetall(DIR_PREFIX) == {b"txn": b"4", b"version": b"2"}
+
+
 async def test_the_last_write_of_a_key_in_a_batch_wins(backend: Backend) -> None:
     await backend.store.persist(
         [
