@@ -31,8 +31,9 @@ def make_cluster(tmp_path: Path, size: int = 3, **env: str) -> LocalCluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    c = make_cluster(tmp_path)
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
+    """A started 3-node cluster; parametrize it indirectly with a dict of settings."""
+    c = make_cluster(tmp_path, **getattr(request, "param", {}))
     c.start()
     try:
         yield c
