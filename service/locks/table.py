@@ -27,6 +27,7 @@ Rules, in one place:
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -208,7 +209,10 @@ class LockTable:
         # Free locks in the order they became free (dict as an ordered set).
         self._tombstones: dict[str, None] = {}
         # Derived indexes, rebuilt by `replace_all`.
-        self._waiting_on: dict[str, set[str]] = {}  # owner -> names it waits on
+        # owner -> name of each lock it waits on -> (seq, mode) of that wait
+        self._waiting_on: dict[str, dict[str, tuple[int, Mode]]] = {}
+        self._holding: dict[str, set[str]] = {}  # owner -> names it holds
+        self.graph_steps = 0  # edges the deadlock checks walked (tests bound it)
         self._hold_deadlines = DeadlineHeap()
         self._wait_deadlines = DeadlineHeap()
         # Change tracking, drained by the machine.
@@ -237,7 +241,7 @@ class LockTable:
                 if hold.mode is mode:
                     return _granted(name, hold)
                 return ModeConflict(name, owner, hold.mode, mode, waiting=False)
-            pos = lock.waiter_position(owner)
+            pos = self._waiter_pos(lock, owner)
             if pos is not None:
                 waiter = lock.waiters[pos]
                 if waiter.mode is mode:
@@ -257,7 +261,7 @@ class LockTable:
         budget = wait_ms or ttl_ms
         waiter = Waiter(index, owner, mode, ttl_ms, budget, now_ms + budget)
         lock.waiters.append(waiter)
-        self._waiting_on.setdefault(owner, set()).add(name)
+        self._waiting_on.setdefault(owner, {})[name] = (waiter.seq, mode)
         self._wait_deadlines.push(waiter.deadline_ms, (name, owner, waiter.seq))
         self._dirty.add(name)
         return _queued(name, waiter, len(lock.waiters) - 1)
@@ -270,6 +274,7 @@ class LockTable:
         if hold.token != token:
             return ReleaseOutcome.STALE_TOKEN
         del lock.holders[owner]
+        self._stop_holding(owner, name)
         self._after_leave(lock, index, now_ms)
         return ReleaseOutcome.RELEASED
 
@@ -299,6 +304,7 @@ class LockTable:
         if hold.expires_at_ms > now_ms:
             return False
         del lock.holders[owner]
+        self._stop_holding(owner, name)
         self._after_leave(lock, index, now_ms)
         return True
 
@@ -312,7 +318,7 @@ class LockTable:
         lock = self._locks.get(name)
         if lock is None:
             return CancelOutcome.NOT_WAITING
-        pos = lock.waiter_position(owner)
+        pos = self._waiter_pos(lock, owner)
         if pos is None or (seq is not None and lock.waiters[pos].seq != seq):
             hold = lock.holders.get(owner)
             return _granted(name, hold) if hold is not None else CancelOutcome.NOT_WAITING
@@ -324,7 +330,7 @@ class LockTable:
         lock = self._locks.get(name)
         if lock is None:
             return False
-        pos = lock.waiter_position(owner)
+        pos = self._waiter_pos(lock, owner)
         if pos is None or lock.waiters[pos].seq != seq:
             return False
         if lock.waiters[pos].deadline_ms > now_ms:
@@ -413,9 +419,15 @@ class LockTable:
         free = sorted((s for s in locks if not s.busy), key=lambda s: (s.freed_at, s.name))
         self._tombstones = {s.name: None for s in free}
         self._waiting_on = {}
+        self._holding = {}
         for lock in self._locks.values():
             for waiter in lock.waiters:
-                self._waiting_on.setdefault(waiter.owner, set()).add(lock.name)
+                self._waiting_on.setdefault(waiter.owner, {})[lock.name] = (
+                    waiter.seq,
+                    waiter.mode,
+                )
+            for owner in lock.holders:
+                self._holding.setdefault(owner, set()).add(lock.name)
         self._rebuild_deadlines()
         self._dirty.clear()
         self._events.clear()
@@ -428,6 +440,7 @@ class LockTable:
     ) -> Granted:
         hold = Hold(owner, mode, index, ttl_ms, now_ms + ttl_ms)
         lock.holders[owner] = hold
+        self._holding.setdefault(owner, set()).add(lock.name)
         # Log indexes only grow, so this keeps last_token monotonic by construction.
         lock.last_token = max(index, 0)
         lock.freed_at = 0
@@ -457,11 +470,28 @@ class LockTable:
         self._after_leave(lock, index, now_ms)
 
     def _stop_waiting(self, owner: str, name: str) -> None:
-        names = self._waiting_on.get(owner)
+        waits = self._waiting_on.get(owner)
+        if waits is not None:
+            waits.pop(name, None)
+            if not waits:
+                del self._waiting_on[owner]
+
+    def _stop_holding(self, owner: str, name: str) -> None:
+        names = self._holding.get(owner)
         if names is not None:
             names.discard(name)
             if not names:
-                del self._waiting_on[owner]
+                del self._holding[owner]
+
+    def _waiter_pos(self, lock: LockState, owner: str) -> int | None:
+        """Where `owner` waits in `lock`'s queue (FIFO order is seq order: a bisection)."""
+        wait = self._waiting_on.get(owner, {}).get(lock.name)
+        if wait is None:
+            return None
+        pos = bisect_left(lock.waiters, wait[0], key=_seq)
+        if pos < len(lock.waiters) and lock.waiters[pos].owner == owner:
+            return pos
+        return None
 
     def _evict_tombstones(self) -> None:
         # Forgetting a free lock is safe for fencing: its next token is a later log
@@ -472,31 +502,94 @@ class LockTable:
             del self._locks[name]
             self._dirty.add(name)
 
-    def _blockers(self, lock: LockState, mode: Mode, ahead: list[Waiter]) -> Iterator[str]:
-        """Owners a waiter of `mode` with `ahead` in front of it waits for."""
-        yield from sorted(lock.holders)
-        for waiter in ahead:
+    def _blockers(
+        self, lock: LockState, mode: Mode, before: int | None, seen: _Explored | None = None
+    ) -> Iterator[str]:
+        """Owners a waiter of `mode` waits for in `lock`: its holders and the waiters
+        ahead of it (seq below `before`; None: the whole queue) unless both are shared.
+
+        With `seen` (one deadlock check), what an earlier call of that check already
+        yielded is skipped: the owners behind a hot lock are walked once per check, not
+        once per waiter that leads back to it (which made a check quadratic in the
+        queue's length, and a queue of n waiters cubic to build).
+        """
+        name = lock.name
+        if seen is None or name not in seen.holders:
+            if seen is not None:
+                seen.holders.add(name)
+            yield from sorted(lock.holders)
+        stop = len(lock.waiters) if before is None else bisect_left(lock.waiters, before, key=_seq)
+        start = 0
+        if seen is not None:
+            done_all = seen.all_waiters.get(name, 0)
+            if mode is Mode.EXCLUSIVE:
+                start = done_all
+                seen.all_waiters[name] = max(done_all, stop)
+            else:
+                start = max(done_all, seen.exclusive_waiters.get(name, 0))
+                seen.exclusive_waiters[name] = max(start, stop)
+        for waiter in lock.waiters[start:stop]:
             if waits_for_each_other(mode, waiter.mode):
+                self.graph_steps += 1
                 yield waiter.owner
 
-    def _edges(self, owner: str) -> Iterator[str]:
-        for name in sorted(self._waiting_on.get(owner, ())):
-            lock = self._locks[name]
-            pos = lock.waiter_position(owner)
-            if pos is not None:
-                waiter = lock.waiters[pos]
-                yield from self._blockers(lock, waiter.mode, lock.waiters[:pos])
+    def _edges(self, owner: str, seen: _Explored | None = None) -> Iterator[str]:
+        waits = self._waiting_on.get(owner, {})
+        for name in sorted(waits):
+            seq, mode = waits[name]
+            yield from self._blockers(self._locks[name], mode, seq, seen)
+
+    def _waiting_for(self, owner: str) -> Iterator[str]:
+        """Owners that wait for `owner` (the graph's edges, reversed): every waiter of a
+        lock it holds, and every waiter behind it in a queue unless both are shared."""
+        for name in sorted(self._holding.get(owner, ())):
+            for waiter in self._locks[name].waiters:
+                self.graph_steps += 1
+                yield waiter.owner
+        waits = self._waiting_on.get(owner, {})
+        for name in sorted(waits):
+            seq, mode = waits[name]
+            queue = self._locks[name].waiters
+            for waiter in queue[bisect_left(queue, seq, key=_seq) + 1 :]:
+                if waits_for_each_other(mode, waiter.mode):
+                    self.graph_steps += 1
+                    yield waiter.owner
+
+    def _could_close_a_cycle(self, lock: LockState, owner: str, mode: Mode) -> bool:
+        """Whether something that (transitively) waits for `owner` is one of the owners
+        `owner` would wait for in `lock`: holds it, or waits in its queue (at the tail,
+        `owner` would be behind every waiter) unless both are shared. Walks the owners
+        waiting for `owner`, which are few where it matters: a client that holds nothing
+        and waits nowhere else has none, however long the queue it joins."""
+        found: set[str] = set()
+        todo = [owner]
+        while todo:
+            for other in self._waiting_for(todo.pop()):
+                if other in found:
+                    continue
+                if other == owner or lock.name in self._holding.get(other, ()):
+                    return True
+                wait = self._waiting_on.get(other, {}).get(lock.name)
+                if wait is not None and waits_for_each_other(mode, wait[1]):
+                    return True
+                found.add(other)
+                todo.append(other)
+        return False
 
     def _cycle_if_enqueued(self, lock: LockState, owner: str, mode: Mode) -> tuple[str, ...] | None:
         """The cycle that enqueuing owner at the tail of lock would close, if any.
 
         The graph is acyclic, so a new cycle must pass through the new edges: search
         from the new waiter's blockers for a path back to it (depth first, in sorted
-        order so every replica reports the same cycle).
+        order so every replica reports the same cycle). Each owner and each stretch of
+        a queue is visited once, so a check is linear in the graph it can reach.
         """
+        if not self._could_close_a_cycle(lock, owner, mode):
+            return None  # the search below finds nothing: spare it its walk
+        seen = _Explored()
         parent: dict[str, str] = {}
         stack: list[str] = []
-        for target in reversed(list(self._blockers(lock, mode, lock.waiters))):
+        for target in reversed(list(self._blockers(lock, mode, None, seen))):
             if target not in parent:
                 parent[target] = owner
                 stack.append(target)
@@ -509,7 +602,7 @@ class LockTable:
                     path.append(step)
                     step = parent[step]
                 return (owner, *reversed(path[1:]))
-            for nxt in reversed(list(self._edges(current))):
+            for nxt in reversed(list(self._edges(current, seen))):
                 if nxt not in parent:
                     parent[nxt] = current
                     stack.append(nxt)
@@ -526,7 +619,7 @@ class LockTable:
         lock = self._locks.get(name)
         if lock is None:
             return False
-        pos = lock.waiter_position(owner)
+        pos = self._waiter_pos(lock, owner)
         if pos is None:
             return False
         waiter = lock.waiters[pos]
@@ -544,6 +637,20 @@ class LockTable:
     def _maybe_rebuild_deadlines(self) -> None:
         if self._hold_deadlines.needs_rebuild() or self._wait_deadlines.needs_rebuild():
             self._rebuild_deadlines()
+
+
+@dataclass(slots=True)
+class _Explored:
+    """What one deadlock check has walked, per lock name (see `LockTable._blockers`)."""
+
+    # Queues do not change during a check, so positions in them are stable.
+    holders: set[str] = field(default_factory=set)  # locks whose holders were yielded
+    all_waiters: dict[str, int] = field(default_factory=dict)  # every waiter before this position
+    exclusive_waiters: dict[str, int] = field(default_factory=dict)  # the exclusive ones before
+
+
+def _seq(waiter: Waiter) -> int:
+    return waiter.seq
 
 
 def _granted(name: str, hold: Hold) -> Granted:
