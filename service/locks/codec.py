@@ -15,9 +15,10 @@ monotonic clock (see `LockTable.leader_change`), not wall-clock time.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Mapping
 
-from service.locks.table import Hold, LockState, Mode, Waiter, compatible
+from service.locks.table import FieldChanges, Hold, LockState, Mode, Waiter, compatible
 
 FREE = "free"
 HOLDER = "holder:"
@@ -36,6 +37,38 @@ def encode(lock: LockState) -> dict[str, str]:
             f"{w.owner}|{w.mode.value}|{w.ttl_ms}|{w.wait_ms}|{w.deadline_ms}"
         )
     return fields
+
+
+def encode_changes(lock: LockState, changes: FieldChanges) -> tuple[dict[str, str], list[str]]:
+    """The fields to set and to delete in the hash `encode` wrote earlier for `lock`,
+    so that it equals `encode(lock)` again after `changes` (header fields always)."""
+    fields = {"mode": lock.mode.value if lock.mode is not None else FREE,
+              "last_token": str(lock.last_token)}  # fmt: skip
+    deleted: list[str] = []
+    if lock.busy:
+        deleted.append("freed_at")
+    else:
+        fields["freed_at"] = str(lock.freed_at)
+    for owner in sorted(changes.holders):
+        h = lock.holders.get(owner)
+        if h is None:
+            deleted.append(HOLDER + owner)
+        else:
+            fields[HOLDER + owner] = f"{h.token}|{h.mode.value}|{h.ttl_ms}|{h.expires_at_ms}"
+    for seq in sorted(changes.waiters):
+        pos = bisect_left(lock.waiters, seq, key=_seq)
+        if pos < len(lock.waiters) and lock.waiters[pos].seq == seq:
+            w = lock.waiters[pos]
+            fields[WAITER + str(seq)] = (
+                f"{w.owner}|{w.mode.value}|{w.ttl_ms}|{w.wait_ms}|{w.deadline_ms}"
+            )
+        else:
+            deleted.append(WAITER + str(seq))
+    return fields, deleted
+
+
+def _seq(waiter: Waiter) -> int:
+    return waiter.seq
 
 
 def decode(name: str, fields: Mapping[str, str]) -> LockState:

@@ -217,6 +217,8 @@ class LockTable:
         self._wait_deadlines = DeadlineHeap()
         # Change tracking, drained by the machine.
         self._dirty: set[str] = set()
+        # name -> the holders and waits that changed since `take_changes` (None: all)
+        self._changes: dict[str, FieldChanges | None] = {}
         self._events: list[LockEvent] = []
 
     # --- commands ------------------------------------------------------------------
@@ -263,7 +265,7 @@ class LockTable:
         lock.waiters.append(waiter)
         self._waiting_on.setdefault(owner, {})[name] = (waiter.seq, mode)
         self._wait_deadlines.push(waiter.deadline_ms, (name, owner, waiter.seq))
-        self._dirty.add(name)
+        self._changed(name, waiter=waiter.seq)
         return _queued(name, waiter, len(lock.waiters) - 1)
 
     def release(self, index: int, now_ms: int, name: str, owner: str, token: int) -> ReleaseOutcome:
@@ -275,6 +277,7 @@ class LockTable:
             return ReleaseOutcome.STALE_TOKEN
         del lock.holders[owner]
         self._stop_holding(owner, name)
+        self._changed(name, holder=owner)
         self._after_leave(lock, index, now_ms)
         return ReleaseOutcome.RELEASED
 
@@ -291,7 +294,7 @@ class LockTable:
         lock.holders[owner] = hold
         self._hold_deadlines.push(hold.expires_at_ms, (name, owner, hold.token))
         self._maybe_rebuild_deadlines()
-        self._dirty.add(name)
+        self._changed(name, holder=owner)
         return _granted(name, hold)
 
     def expire(self, index: int, now_ms: int, name: str, owner: str, token: int) -> bool:
@@ -305,6 +308,7 @@ class LockTable:
             return False
         del lock.holders[owner]
         self._stop_holding(owner, name)
+        self._changed(name, holder=owner)
         self._after_leave(lock, index, now_ms)
         return True
 
@@ -357,7 +361,7 @@ class LockTable:
                 holds += 1
             lock.waiters = [replace(w, deadline_ms=now_ms + w.wait_ms) for w in lock.waiters]
             waits += len(lock.waiters)
-            self._dirty.add(name)
+            self._rewrite(name)
         self._rebuild_deadlines()
         return holds, waits
 
@@ -405,9 +409,16 @@ class LockTable:
 
     def take_dirty(self) -> list[str]:
         """Names whose state changed (or that were forgotten) since the last call."""
-        dirty = sorted(self._dirty)
+        return [name for name, _ in self.take_changes()]
+
+    def take_changes(self) -> list[tuple[str, FieldChanges | None]]:
+        """(name, what changed) for every lock changed or forgotten since the last call,
+        by name. None: write the whole lock (forgotten, reloaded, or every deadline
+        moved); otherwise its header fields and the holds and waits named."""
+        changes = [(name, self._changes.get(name)) for name in sorted(self._dirty)]
         self._dirty.clear()
-        return dirty
+        self._changes.clear()
+        return changes
 
     def take_events(self) -> list[LockEvent]:
         events, self._events = self._events, []
@@ -430,6 +441,7 @@ class LockTable:
                 self._holding.setdefault(owner, set()).add(lock.name)
         self._rebuild_deadlines()
         self._dirty.clear()
+        self._changes.clear()
         self._events.clear()
         self._evict_tombstones()
 
@@ -446,14 +458,15 @@ class LockTable:
         lock.freed_at = 0
         self._tombstones.pop(lock.name, None)
         self._hold_deadlines.push(hold.expires_at_ms, (lock.name, owner, index))
-        self._dirty.add(lock.name)
+        self._changed(lock.name, holder=owner)
         return _granted(lock.name, hold)
 
     def _after_leave(self, lock: LockState, index: int, now_ms: int) -> None:
         """A holder or waiter left: grant from the head, then forget the lock if free."""
-        self._dirty.add(lock.name)
+        self._changed(lock.name)
         while lock.waiters and compatible(lock.waiters[0].mode, lock.holders):
             waiter = lock.waiters.pop(0)
+            self._changed(lock.name, waiter=waiter.seq)
             self._stop_waiting(waiter.owner, lock.name)
             grant = self._grant(lock, index, now_ms, waiter.owner, waiter.mode, waiter.ttl_ms)
             self._events.append(grant)
@@ -465,6 +478,7 @@ class LockTable:
 
     def _drop_waiter(self, lock: LockState, pos: int, reason: str, index: int, now_ms: int) -> None:
         waiter = lock.waiters.pop(pos)
+        self._changed(lock.name, waiter=waiter.seq)
         self._stop_waiting(waiter.owner, lock.name)
         self._events.append(WaitDropped(lock.name, waiter.owner, waiter.seq, reason))
         self._after_leave(lock, index, now_ms)
@@ -475,6 +489,24 @@ class LockTable:
             waits.pop(name, None)
             if not waits:
                 del self._waiting_on[owner]
+
+    def _changed(self, name: str, *, holder: str | None = None, waiter: int | None = None) -> None:
+        """Note a change to lock `name`: its header, and the hold or wait named."""
+        self._dirty.add(name)
+        if name in self._changes:
+            changes = self._changes[name]
+            if changes is None:
+                return  # rewritten whole anyway
+        else:
+            changes = self._changes[name] = FieldChanges()
+        if holder is not None:
+            changes.holders.add(holder)
+        if waiter is not None:
+            changes.waiters.add(waiter)
+
+    def _rewrite(self, name: str) -> None:
+        self._dirty.add(name)
+        self._changes[name] = None
 
     def _stop_holding(self, owner: str, name: str) -> None:
         names = self._holding.get(owner)
@@ -500,7 +532,7 @@ class LockTable:
             name = next(iter(self._tombstones))
             del self._tombstones[name]
             del self._locks[name]
-            self._dirty.add(name)
+            self._rewrite(name)
 
     def _blockers(
         self, lock: LockState, mode: Mode, before: int | None, seen: _Explored | None = None
@@ -637,6 +669,16 @@ class LockTable:
     def _maybe_rebuild_deadlines(self) -> None:
         if self._hold_deadlines.needs_rebuild() or self._wait_deadlines.needs_rebuild():
             self._rebuild_deadlines()
+
+
+@dataclass(slots=True)
+class FieldChanges:
+    """The holds and waits of one lock that began, changed or ended since the last
+    `take_changes`: its materialised hash is updated field by field, so a change to a
+    lock with a long queue costs what changed, not the queue's length."""
+
+    holders: set[str] = field(default_factory=set)  # owners
+    waiters: set[int] = field(default_factory=set)  # seqs
 
 
 @dataclass(slots=True)

@@ -255,6 +255,25 @@ def test_only_changed_locks_are_written_once(d):
     assert d.m.take_writes() == []
 
 
+def test_a_lock_with_a_long_queue_is_written_field_by_field(d):
+    store: dict[str, dict[str, str]] = {}
+    token = d.acquire("L", "holder", ttl=60_000)["token"]
+    for i in range(1_000):
+        d.acquire("L", f"w{i}", wait=True, wait_ms=60_000)
+    apply_writes(store, d.m.take_writes())
+    d.release("L", "holder", token)  # w0 is granted: two holds and one wait change
+    (write,) = d.m.take_writes()
+    assert not write.drop and sorted(write.fields) == ["holder:w0", "last_token", "mode"]
+    assert write.deleted == ("freed_at", "holder:holder", "waiter:2")
+    apply_writes(store, [write])
+    assert store == d.m.dump()
+    d.leader_change(5)  # every deadline moves: the whole hash again
+    (write,) = d.m.take_writes()
+    assert write.drop and len(write.fields) == 2 + 1 + 999
+    apply_writes(store, [write])
+    assert store == d.m.dump()
+
+
 def test_awkward_owner_names_round_trip(d):
     owners = ["a|b", "c:d", "holder:x", "waiter:1", "sp ace", "ünï|cødé|"]
     d.acquire("L", "first")
