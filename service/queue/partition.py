@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,11 +59,93 @@ class DeadLetter:
     message: Message
 
 
+class PendingTable(dict[int, Pending]):
+    """A group's pending deliveries (offset -> Pending) that also finds, without a scan,
+    the ones whose visibility has ended: a consume used to walk (and sort) every pending
+    delivery, so with tens of thousands unacked each consume cost milliseconds.
+
+    A min-heap of (visible_at, offset) holds an entry per assignment; entries made stale
+    by a later assignment or a removal are skipped when they surface. Offsets popped
+    from it as visible move to `_visible`, kept sorted, until assigned again or removed.
+    """
+
+    def __init__(self, items: Iterable[tuple[int, Pending]] = ()) -> None:
+        super().__init__()
+        self._heap: list[tuple[int, int]] = []
+        self._visible: list[int] = []  # ascending
+        for offset, pending in items:
+            self[offset] = pending
+
+    def __setitem__(self, offset: int, pending: Pending) -> None:
+        super().__setitem__(offset, pending)
+        self._unlist(offset)
+        heapq.heappush(self._heap, (pending.visible_at, offset))
+        if len(self._heap) > 2 * len(self) + 64:
+            self._compact()
+
+    def __delitem__(self, offset: int) -> None:
+        super().__delitem__(offset)
+        self._unlist(offset)
+
+    def pop(self, offset: int, default: Any = None) -> Any:
+        self._unlist(offset)
+        return super().pop(offset, default)
+
+    def visible(self, now: int) -> Iterator[int]:
+        """Offsets whose visibility ended by `now`, ascending (lazily: a consume takes
+        the first few). The table must not change while this is iterated."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            visible_at, offset = heapq.heappop(heap)
+            current = self.get(offset)
+            if current is not None and current.visible_at == visible_at:
+                self._list(offset)  # (an equal assignment may have pushed it twice)
+        return (o for o in self._visible if self[o].visible_at <= now)
+
+    def earliest(self) -> int | None:
+        """The earliest visible_at of any pending delivery."""
+        heap = self._heap
+        while heap:
+            visible_at, offset = heap[0]
+            current = self.get(offset)
+            if current is not None and current.visible_at == visible_at:
+                break
+            heapq.heappop(heap)
+        times = [self[o].visible_at for o in self._visible]
+        if heap:
+            times.append(heap[0][0])
+        return min(times) if times else None
+
+    def _list(self, offset: int) -> None:
+        visible = self._visible
+        i = bisect_left(visible, offset)
+        if i == len(visible) or visible[i] != offset:
+            visible.insert(i, offset)
+
+    def _unlist(self, offset: int) -> None:
+        visible = self._visible
+        if visible:
+            i = bisect_left(visible, offset)
+            if i < len(visible) and visible[i] == offset:
+                del visible[i]
+
+    def _compact(self) -> None:
+        listed = set(self._visible)
+        self._heap = [(p.visible_at, o) for o, p in self.items() if o not in listed]
+        heapq.heapify(self._heap)
+
+
 @dataclass(slots=True)
 class Group:
     next: int  # the next offset never handed to this group
-    pending: dict[int, Pending] = field(default_factory=dict)
+    pending: PendingTable = field(default_factory=PendingTable)
     waiting: set[int] = field(default_factory=set)  # set aside for key order, < next
+    # key -> its pending offsets; built by the first consume that needs it, then kept
+    keyed: dict[str, set[int]] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pending, PendingTable):
+            self.pending = PendingTable(self.pending.items())
 
     def floor(self) -> int:
         """Every offset below this is done (acked or dead) in this group."""
@@ -168,12 +251,7 @@ class PartitionState:
         g = self.groups.get(group)
         if g is None:
             g = Group(self._first_offset())
-        in_flight = {
-            self.messages[o].key
-            for o, p in g.pending.items()
-            if p.visible_at > now and o in self.messages
-        }
-        in_flight.discard(None)
+        in_flight: set[str] = set()  # keys delivered by this plan
         ops: list[Deliver | Dead] = []
         delivered = 0
         for offset in itertools.islice(self._candidates(g, now), MAX_SCAN):
@@ -184,7 +262,9 @@ class PartitionState:
                 continue
             pending = g.pending.get(offset)
             count = (pending.count if pending is not None else 0) + 1
-            if message.key is not None and message.key in in_flight:
+            if message.key is not None and (
+                message.key in in_flight or self._key_in_flight(g, message.key, now)
+            ):
                 continue  # an earlier message of this key is in flight
             if count > delivery_limit:
                 ops.append(Dead(group, offset, count - 1))
@@ -203,7 +283,7 @@ class PartitionState:
 
     def next_visible_at(self) -> int | None:
         """Earliest time a pending delivery becomes visible again (for long polls)."""
-        times = [p.visible_at for g in self.groups.values() for p in g.pending.values()]
+        times = [t for g in self.groups.values() if (t := g.pending.earliest()) is not None]
         return min(times) if times else None
 
     # --- applying ops ------------------------------------------------------------------
@@ -264,7 +344,10 @@ class PartitionState:
         for name, g in data["groups"].items():
             state.groups[str(name)] = Group(
                 int(g["next"]),
-                {int(o): Pending(c, int(v), int(vm), int(n)) for o, c, v, vm, n in g["pending"]},
+                PendingTable(
+                    (int(o), Pending(c, int(v), int(vm), int(n)))
+                    for o, c, v, vm, n in g["pending"]
+                ),
                 {int(o) for o in g["waiting"]},
             )
         state.dead = [
@@ -280,10 +363,32 @@ class PartitionState:
     def _candidates(self, g: Group, now: int) -> Iterator[int]:
         """Offsets that could be delivered now, ascending: redeliverable pending ones,
         ones set aside for key order, then never-delivered ones."""
-        visible = sorted(o for o, p in g.pending.items() if p.visible_at <= now)
+        visible = g.pending.visible(now)
         waiting = sorted(g.waiting)
         fresh = range(max(g.next, self._first_offset()), self.end + 1)
         yield from heapq.merge(visible, waiting, fresh)
+
+    def _key_in_flight(self, g: Group, key: str, now: int) -> bool:
+        """Whether a delivery of `key` is pending and still invisible in group `g`."""
+        if g.keyed is None:
+            g.keyed = {}
+            for offset in g.pending:
+                self._note_pending_key(g, offset)
+        return any(g.pending[o].visible_at > now for o in g.keyed.get(key, ()))
+
+    def _note_pending_key(self, g: Group, offset: int) -> None:
+        message = self.messages.get(offset)
+        if g.keyed is not None and message is not None and message.key is not None:
+            g.keyed.setdefault(message.key, set()).add(offset)
+
+    def _forget_pending_key(self, g: Group, offset: int) -> None:
+        message = self.messages.get(offset)
+        if g.keyed is not None and message is not None and message.key is not None:
+            offsets = g.keyed.get(message.key)
+            if offsets is not None:
+                offsets.discard(offset)
+                if not offsets:
+                    del g.keyed[message.key]
 
     def _group(self, name: str) -> Group:
         g = self.groups.get(name)
@@ -313,6 +418,7 @@ class PartitionState:
     def _deliver(self, op: Deliver) -> None:
         g = self._group(op.group)
         g.pending[op.offset] = Pending(op.consumer, op.visible_at, op.visibility_ms, op.count)
+        self._note_pending_key(g, op.offset)
         self._set(op.group, f"p:{op.offset}", pending_field(g.pending[op.offset]))
         if op.offset in g.waiting:
             g.waiting.discard(op.offset)
@@ -335,6 +441,7 @@ class PartitionState:
     def _ack(self, group: str, offset: int) -> None:
         g = self.groups.get(group)
         if g is not None and g.pending.pop(offset, None) is not None:
+            self._forget_pending_key(g, offset)
             self._set(group, f"p:{offset}", None)
 
     def _nack(self, op: Nack) -> None:
@@ -350,7 +457,8 @@ class PartitionState:
     def _dead(self, op: Dead) -> None:
         g = self._group(op.group)
         message = self.messages.get(op.offset)
-        g.pending.pop(op.offset, None)
+        if g.pending.pop(op.offset, None) is not None:
+            self._forget_pending_key(g, op.offset)
         self._set(op.group, f"p:{op.offset}", None)
         if op.offset in g.waiting:
             g.waiting.discard(op.offset)
@@ -366,7 +474,9 @@ class PartitionState:
     def _trim(self, upto: int) -> None:
         if upto <= self.trimmed:
             return
-        for offset in [o for o in self.messages if o <= upto]:
+        # Offset order is insertion order: stop at the first one kept.
+        done = list(itertools.takewhile(lambda o: o <= upto, self.messages))
+        for offset in done:
             del self.messages[offset]
         self.trimmed = upto
         self._writes.trim_upto = upto

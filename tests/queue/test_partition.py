@@ -27,6 +27,7 @@ from service.queue.partition import (
     Message,
     PartitionState,
     Pending,
+    PendingTable,
     parse_pending_field,
     pending_field,
 )
@@ -717,3 +718,75 @@ def test_randomized_leader_and_follower(seed: int) -> None:
         run.drain()
     except AssertionError as exc:
         raise AssertionError(f"seed {seed}: {exc}") from exc
+
+
+# --- pending deliveries: found by time, not by a scan ----------------------------------------
+
+
+def test_pending_table_finds_visible_deliveries_like_a_scan() -> None:
+    for seed in range(50):
+        rng = random.Random(seed)
+        table = PendingTable()
+        plain: dict[int, Pending] = {}
+        now = 0
+        for _ in range(400):
+            roll = rng.random()
+            offset = rng.randrange(60)
+            if roll < 0.5:
+                p = Pending("c", now + rng.choice((-5, 0, 1, 10, 50)), 10, rng.randrange(1, 4))
+                table[offset] = p
+                plain[offset] = p
+            elif roll < 0.7:
+                assert table.pop(offset, None) == plain.pop(offset, None)
+            elif roll < 0.75 and offset in plain:
+                del table[offset]
+                del plain[offset]
+            else:
+                now += rng.choice((0, 1, 7, 30))
+            expected = sorted(o for o, p in plain.items() if p.visible_at <= now)
+            assert list(table.visible(now)) == expected, f"seed {seed}"
+            earliest = min((p.visible_at for p in plain.values()), default=None)
+            assert table.earliest() == earliest, f"seed {seed}"
+            assert dict(table) == plain
+        assert len(table._heap) <= 2 * len(table) + 65  # stale heap entries are bounded
+
+
+def test_pending_table_lists_a_visible_delivery_once_even_if_assigned_twice_alike() -> None:
+    table = PendingTable()
+    table[3] = Pending("c", 10, 10, 1)
+    table[3] = Pending("c", 10, 10, 1)  # the same assignment again: two heap entries
+    assert list(table.visible(10)) == [3] and list(table.visible(11)) == [3]
+    table.pop(3)
+    assert list(table.visible(20)) == []
+
+
+def test_a_consume_with_many_unacked_deliveries_does_not_walk_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each consume used to walk every pending delivery twice (to find the visible ones
+    # and the keys in flight): with 33,000 unacked per partition a consume took tens of
+    # milliseconds and 200,000 unacked messages took minutes to hand out.
+    state = PartitionState()
+    for i in range(1, 20_001):
+        state.apply(Publish(i, f"id{i}", "k" if i == 7 else None, '"x"'))
+    for i in range(1, 20_001):
+        state.apply(Deliver("g", i, "c", 1_000 + i, 30_000, 1))
+    state.apply(Publish(20_001, "keyed", "k", '"y"'))
+    state.apply(Publish(20_002, "other", "j", '"z"'))
+    # The first consume that meets a key indexes the group's pending keys, once.
+    assert [op.offset for op in state.plan_deliver("g", "c", 3, 30_000, 1_002, 5)] == [
+        1,
+        2,
+        20_002,  # 20,001 waits: 7 (key k) is still invisible
+    ]
+
+    def no_walk(*_: object) -> None:
+        raise AssertionError("a consume walked every pending delivery")
+
+    for method in ("__iter__", "items", "values", "keys"):
+        monkeypatch.setattr(PendingTable, method, no_walk)
+    ops = state.plan_deliver("g", "c", 10, 30_000, now=1_010, delivery_limit=5)
+    # 1-10 are visible again except 7, whose key k keeps 20,001 waiting too.
+    assert [op.offset for op in ops] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    ops = state.plan_deliver("g", "c", 10, 30_000, now=1_006, delivery_limit=5)
+    assert [op.offset for op in ops] == [1, 2, 3, 4, 5, 6, 20_002]
