@@ -73,8 +73,8 @@ class PendingTable(dict[int, Pending]):
         super().__init__()
         self._heap: list[tuple[int, int]] = []
         self._visible: list[int] = []  # ascending
-        for offset, pending in items:
-            self[offset] = pending
+        dict.update(self, items)  # in bulk: one heapify, not a push per delivery
+        self._compact()
 
     def __setitem__(self, offset: int, pending: Pending) -> None:
         super().__setitem__(offset, pending)
