@@ -4,6 +4,7 @@ them, and what a client that stalls or leaves mid-body gets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -124,5 +125,45 @@ async def test_a_client_leaving_mid_body_is_no_server_error(
             await asyncio.sleep(0.2)
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert errors == [], [r.getMessage() for r in errors]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_client_gone_before_its_answer_is_no_server_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Seen as an ERROR with a traceback when a peer dropped a WebSocket handshake under
+    # load (aiohttp raises ClientConnectionResetError writing the 101's headers).
+    async def gone(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        request.transport.close()  # as when the client has gone
+        raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+
+    async def peer_reset(request: web.Request) -> web.Response:
+        raise aiohttp.ClientConnectionResetError("a peer's connection, not the client's")
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_get("/gone", gone)
+    app.router.add_get("/peer-reset", peer_reset)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        with caplog.at_level(logging.INFO):
+            async with aiohttp.ClientSession() as session:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"http://127.0.0.1:{port}/gone") as response:
+                        await response.read()
+            await asyncio.sleep(0.1)
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == [], [r.getMessage() for r in errors]
+        assert any("client went away" in r.getMessage() for r in caplog.records)
+        # A reset that is not the client's is still a server error, answered and logged.
+        async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{port}/peer-reset"
+        ) as response:
+            assert response.status == 500
     finally:
         await runner.cleanup()

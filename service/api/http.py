@@ -263,12 +263,26 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             exc.status, "http_error"
         )
         return error_response(exc.status, code, exc.reason or code)
+    except ConnectionResetError as exc:
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            return _unhandled(request, exc)  # a reset elsewhere (a peer's connection)
+        # The client went away before it could be answered (say, a peer that gave up on
+        # a WebSocket handshake): no server error, and nobody to answer.
+        log.info("client went away before the answer", extra={"path": request.path})
+        response = error_response(400, "client_gone", "the connection was reset")
+        response.force_close()
+        return response
     except Exception as exc:
-        mapped = raft_error_response(exc)
-        if mapped is not None:
-            return mapped
-        log.exception("unhandled error", extra={"path": request.path})
-        return error_response(500, "internal", "internal error; see the node's log")
+        return _unhandled(request, exc)
+
+
+def _unhandled(request: web.Request, exc: Exception) -> web.Response:
+    mapped = raft_error_response(exc)
+    if mapped is not None:
+        return mapped
+    log.exception("unhandled error", extra={"path": request.path})
+    return error_response(500, "internal", "internal error; see the node's log")
 
 
 @web.middleware
