@@ -103,8 +103,11 @@ def local_cluster(nodes: int, base_port: int | None) -> Iterator[list[str]]:
 
 
 @contextlib.contextmanager
-def local_cluster_handle(nodes: int, base_port: int | None) -> Iterator[LocalCluster]:
-    """The same, yielding the LocalCluster itself (for benchmarks that kill nodes)."""
+def local_cluster_handle(
+    nodes: int, base_port: int | None, env: dict[str, str] | None = None
+) -> Iterator[LocalCluster]:
+    """The same, yielding the LocalCluster itself (for benchmarks that kill nodes or look
+    into its Redis); `env`: settings for every node."""
     from service.cluster import LocalCluster, free_base_port
 
     data_root = Path(tempfile.mkdtemp(prefix="dsync-bench-"))
@@ -113,7 +116,7 @@ def local_cluster_handle(nodes: int, base_port: int | None) -> Iterator[LocalClu
         base_port=base_port if base_port is not None else free_base_port(nodes),
         data_root=data_root,
         log_to_files=True,
-        extra_env={"LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING")},
+        extra_env={"LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"), **(env or {})},
     )
     started = time.monotonic()
     cluster.start()

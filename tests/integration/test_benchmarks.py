@@ -75,3 +75,22 @@ def test_locust_users_run_without_failures(c: LocalCluster) -> None:
     for name in ("/v1/locks/[own] acquire", "/v1/queues/[q]/messages", "/v1/cache/[key]",
                  "/lock", "/enqueue"):
         assert name in summary, name
+
+
+@pytest.mark.parametrize(
+    ("scenario", "size", "expect"),
+    [
+        ("hot-lock", "--waiters=60", r"drained: 60 grants in .*; distinct tokens 60"),
+        ("unacked", "--messages=600", r"consumed unacked: 600 msgs \(600 distinct\)"),
+        ("cache-churn", "--keys=30", r"churned: 30 keys .*errors: 0"),
+    ],
+)
+def test_scale_bench_scenarios_run_and_report(
+    c: LocalCluster, scenario: str, size: str, expect: str
+) -> None:
+    urls = ",".join(node.url for node in c.nodes)
+    command = [sys.executable, "benchmarks/scale_bench.py", scenario, size, "--url", urls]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=90)
+    print(done.stdout, done.stderr[-3000:])
+    assert done.returncode == 0
+    assert re.search(expect, done.stdout), done.stdout
