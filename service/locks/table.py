@@ -82,12 +82,6 @@ class LockState:
             return hold.mode
         return None
 
-    def waiter_position(self, owner: str) -> int | None:
-        for i, waiter in enumerate(self.waiters):
-            if waiter.owner == owner:
-                return i
-        return None
-
     def sorted_holders(self) -> tuple[Hold, ...]:
         return tuple(sorted(self.holders.values(), key=lambda h: (h.token, h.owner)))
 
