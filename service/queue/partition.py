@@ -377,13 +377,17 @@ class PartitionState:
         return any(g.pending[o].visible_at > now for o in g.keyed.get(key, ()))
 
     def _note_pending_key(self, g: Group, offset: int) -> None:
+        if g.keyed is None:
+            return  # not indexed yet (never, in a group that only saw keyless messages)
         message = self.messages.get(offset)
-        if g.keyed is not None and message is not None and message.key is not None:
+        if message is not None and message.key is not None:
             g.keyed.setdefault(message.key, set()).add(offset)
 
     def _forget_pending_key(self, g: Group, offset: int) -> None:
+        if g.keyed is None:
+            return
         message = self.messages.get(offset)
-        if g.keyed is not None and message is not None and message.key is not None:
+        if message is not None and message.key is not None:
             offsets = g.keyed.get(message.key)
             if offsets is not None:
                 offsets.discard(offset)
