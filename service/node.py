@@ -51,6 +51,16 @@ log = logging.getLogger("dsync.node")
 
 REDIS_LOADING_TIMEOUT_SECONDS = 120.0
 HTTP_KEEPALIVE_SECONDS = 75.0
+# Connections the kernel completes and queues until the node accepts them. aiohttp's
+# default, 128, is overrun when hundreds of clients connect at once (after a failover, or
+# a burst of blocking lock waiters while the loop is busy): the kernel then drops their
+# SYNs, and each retries only after 1, 3, 7, 15 s. Capped by net.core.somaxconn.
+HTTP_LISTEN_BACKLOG = 1024
+
+
+def http_site(runner: web.AppRunner, host: str, port: int) -> web.TCPSite:
+    """The node's listening socket for clients and peers."""
+    return web.TCPSite(runner, host, port, backlog=HTTP_LISTEN_BACKLOG)
 
 
 class StartupError(Exception):
@@ -205,7 +215,7 @@ class Node:
         self._site_runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                           keepalive_timeout=HTTP_KEEPALIVE_SECONDS)
         await self._site_runner.setup()
-        site = web.TCPSite(self._site_runner, self.settings.host, self.settings.port)
+        site = http_site(self._site_runner, self.settings.host, self.settings.port)
         try:
             await site.start()
         except OSError as exc:
