@@ -15,7 +15,6 @@ monotonic clock (see `LockTable.leader_change`), not wall-clock time.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Mapping
 
 from service.locks.table import FieldChanges, Hold, LockState, Mode, Waiter, compatible
@@ -26,49 +25,48 @@ WAITER = "waiter:"
 
 
 def encode(lock: LockState) -> dict[str, str]:
-    mode = lock.mode
-    fields = {"mode": mode.value if mode is not None else FREE, "last_token": str(lock.last_token)}
-    if not lock.busy:
-        fields["freed_at"] = str(lock.freed_at)
+    fields = _header(lock)
     for h in lock.holders.values():
-        fields[HOLDER + h.owner] = f"{h.token}|{h.mode.value}|{h.ttl_ms}|{h.expires_at_ms}"
+        fields[HOLDER + h.owner] = _hold_value(h)
     for w in lock.waiters:
-        fields[WAITER + str(w.seq)] = (
-            f"{w.owner}|{w.mode.value}|{w.ttl_ms}|{w.wait_ms}|{w.deadline_ms}"
-        )
+        fields[WAITER + str(w.seq)] = _wait_value(w)
     return fields
 
 
 def encode_changes(lock: LockState, changes: FieldChanges) -> tuple[dict[str, str], list[str]]:
     """The fields to set and to delete in the hash `encode` wrote earlier for `lock`,
     so that it equals `encode(lock)` again after `changes` (header fields always)."""
-    fields = {"mode": lock.mode.value if lock.mode is not None else FREE,
-              "last_token": str(lock.last_token)}  # fmt: skip
-    deleted: list[str] = []
-    if lock.busy:
-        deleted.append("freed_at")
-    else:
-        fields["freed_at"] = str(lock.freed_at)
+    fields = _header(lock)
+    deleted: list[str] = ["freed_at"] if lock.busy else []
     for owner in sorted(changes.holders):
         h = lock.holders.get(owner)
         if h is None:
             deleted.append(HOLDER + owner)
         else:
-            fields[HOLDER + owner] = f"{h.token}|{h.mode.value}|{h.ttl_ms}|{h.expires_at_ms}"
+            fields[HOLDER + owner] = _hold_value(h)
     for seq in sorted(changes.waiters):
-        pos = bisect_left(lock.waiters, seq, key=_seq)
-        if pos < len(lock.waiters) and lock.waiters[pos].seq == seq:
-            w = lock.waiters[pos]
-            fields[WAITER + str(seq)] = (
-                f"{w.owner}|{w.mode.value}|{w.ttl_ms}|{w.wait_ms}|{w.deadline_ms}"
-            )
-        else:
+        pos = lock.waiter_index(seq)
+        if pos is None:
             deleted.append(WAITER + str(seq))
+        else:
+            fields[WAITER + str(seq)] = _wait_value(lock.waiters[pos])
     return fields, deleted
 
 
-def _seq(waiter: Waiter) -> int:
-    return waiter.seq
+def _header(lock: LockState) -> dict[str, str]:
+    mode = lock.mode
+    fields = {"mode": mode.value if mode is not None else FREE, "last_token": str(lock.last_token)}
+    if not lock.busy:
+        fields["freed_at"] = str(lock.freed_at)
+    return fields
+
+
+def _hold_value(h: Hold) -> str:
+    return f"{h.token}|{h.mode.value}|{h.ttl_ms}|{h.expires_at_ms}"
+
+
+def _wait_value(w: Waiter) -> str:
+    return f"{w.owner}|{w.mode.value}|{w.ttl_ms}|{w.wait_ms}|{w.deadline_ms}"
 
 
 def decode(name: str, fields: Mapping[str, str]) -> LockState:

@@ -82,6 +82,11 @@ class LockState:
             return hold.mode
         return None
 
+    def waiter_index(self, seq: int) -> int | None:
+        """Where the wait `seq` is in the queue (FIFO order is seq order: a bisection)."""
+        pos = bisect_left(self.waiters, seq, key=_seq)
+        return pos if pos < len(self.waiters) and self.waiters[pos].seq == seq else None
+
     def sorted_holders(self) -> tuple[Hold, ...]:
         return tuple(sorted(self.holders.values(), key=lambda h: (h.token, h.owner)))
 
@@ -512,14 +517,9 @@ class LockTable:
                 del self._holding[owner]
 
     def _waiter_pos(self, lock: LockState, owner: str) -> int | None:
-        """Where `owner` waits in `lock`'s queue (FIFO order is seq order: a bisection)."""
+        """Where `owner` waits in `lock`'s queue."""
         wait = self._waiting_on.get(owner, {}).get(lock.name)
-        if wait is None:
-            return None
-        pos = bisect_left(lock.waiters, wait[0], key=_seq)
-        if pos < len(lock.waiters) and lock.waiters[pos].owner == owner:
-            return pos
-        return None
+        return None if wait is None else lock.waiter_index(wait[0])
 
     def _evict_tombstones(self) -> None:
         # Forgetting a free lock is safe for fencing: its next token is a later log
