@@ -14,6 +14,7 @@ Redis layout (readable with redis-cli):
     dsync:cache:dir:<key>       hash  the directory entry of a key this node homes: state,
                                       owner, owner_txn, owner_req, sharers (JSON), version,
                                       txn, value; fwd_* fields: a forward in progress
+    dsync:cache:dir:            hash  (key "") the retired floor: txn, version (directory.py)
     dsync:cache:incarnation     string  counts this node's cache starts (request ids)
 
 Every `persist` is one MULTI/EXEC, and with `appendfsync always` it is durable when the
