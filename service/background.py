@@ -15,7 +15,7 @@ class BackgroundTask:
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    def every(cls, name: str, seconds: float, action: Callable[[], None]) -> BackgroundTask:
+    def every(cls, name: str, seconds: float, action: Callable[[], object]) -> BackgroundTask:
         """A task that runs `action` every `seconds`, first after one interval."""
 
         async def repeat() -> None:

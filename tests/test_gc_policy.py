@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import weakref
 
 import pytest
 
-from service.gc_policy import GcFreezer, GcPauseRecorder
+from service.gc_policy import MAX_BACKOFF, GcFreezer, GcPauseRecorder
 
 
 def test_every_collection_is_reported_with_its_generation() -> None:
@@ -98,3 +99,79 @@ async def test_the_freezer_freezes_refreezes_on_schedule_and_unfreezes_on_stop(
 def test_the_interval_must_be_positive() -> None:
     with pytest.raises(ValueError):
         GcFreezer(0)
+    with pytest.raises(ValueError):
+        GcFreezer(10, check_seconds=0)
+
+
+class _Node:
+    """A GC-tracked object that can sit in a reference cycle and be watched by weakref."""
+
+    def __init__(self) -> None:
+        self.other: object = self
+
+
+def test_after_a_full_collection_the_survivors_are_frozen_and_young_garbage_is_not() -> None:
+    freezer = GcFreezer(refreeze_seconds=3600)
+    try:
+        assert not freezer.freeze_after_full_collection(), "no full collection yet"
+        state = [[i] for i in range(20_000)]  # long-lived state that grew
+        gc.collect()  # as the collector's automatic full collection would
+        frozen_before = gc.get_freeze_count()
+        garbage = _Node()  # a cycle that died young, after the collection
+        dead = weakref.ref(garbage)
+        del garbage
+        assert freezer.freeze_after_full_collection()
+        assert freezer.freezes == 1
+        assert gc.get_freeze_count() >= frozen_before + len(state), "the state was frozen"
+        assert dead() is None, "young cyclic garbage was collected, not frozen"
+        assert not freezer.freeze_after_full_collection(), "once per full collection"
+        gc.collect(1)
+        assert not freezer.freeze_after_full_collection(), "young collections do not count"
+    finally:
+        gc.unfreeze()
+
+
+async def test_started_it_checks_for_full_collections_on_its_own() -> None:
+    freezer = GcFreezer(refreeze_seconds=3600, check_seconds=0.01)
+    try:
+        freezer.start()
+        assert freezer.freezes == 0, "the start's own full collection is not counted twice"
+        gc.collect()
+        for _ in range(200):
+            if freezer.freezes:
+                break
+            await asyncio.sleep(0.01)
+        assert freezer.freezes == 1
+    finally:
+        await freezer.stop()
+    assert gc.get_freeze_count() == 0
+
+
+def test_refreezes_back_off_while_they_find_little_garbage() -> None:
+    freezer = GcFreezer(refreeze_seconds=10)
+    intervals = []
+    for _ in range(6):
+        freezer.interval_seconds = freezer.next_interval(collected=5, walked=100_000)
+        intervals.append(freezer.interval_seconds)
+    assert intervals == [20, 40, 80, 120, 120, 120], "doubling up to MAX_BACKOFF times base"
+    assert MAX_BACKOFF * 10 == 120
+    assert freezer.next_interval(collected=1_000, walked=100_000) == 10, "1% garbage: back"
+    assert freezer.next_interval(collected=999, walked=100_000) == 120
+
+
+def test_a_refreeze_sets_the_next_interval_from_what_it_collected() -> None:
+    freezer = GcFreezer(refreeze_seconds=10)
+    try:
+        freezer.refreeze()
+        for _ in range(3):
+            garbage = _Node()
+            dead = weakref.ref(garbage)
+            gc.freeze()  # a cycle that was alive when frozen and died later
+            del garbage
+            assert dead() is not None, "frozen: no automatic collection reclaims it"
+        interval = freezer.interval_seconds
+        freezer.refreeze()
+        assert dead() is None, "the refreeze reclaims cyclic garbage among frozen objects"
+        assert freezer.interval_seconds == min(interval * 2, 120), "little garbage: longer"
+    finally:
+        gc.unfreeze()
