@@ -3,6 +3,7 @@
     python benchmarks/scale_bench.py hot-lock --waiters 2000
     python benchmarks/scale_bench.py unacked --messages 200000
     python benchmarks/scale_bench.py cache-churn --keys 24000
+    python benchmarks/scale_bench.py held-locks --locks 60000
     python benchmarks/scale_bench.py hot-lock --url http://127.0.0.1:8001,...
 
 - hot-lock: one lock is held while --waiters clients block on it (through every node);
@@ -16,6 +17,11 @@
   next and deleted; then a few live keys push the rest out of small caches. Prints the
   directory entries, retired entries, txn floors and Redis keys per node. Each distinct
   key once left state on every node for good.
+- held-locks: --locks distinct locks are acquired (64 at a time, through every node) and
+  kept; then 64 clients run 100 acquire+release cycles each on other locks. For each
+  phase it prints the acquire latency and, per node, the snapshots taken (one every
+  10,000 log entries: count, mean, the bucket of the longest), event-loop stalls and the
+  Raft term, from /metrics. Each snapshot once re-encoded every held lock on the loop.
 
 Without --url it starts its own local 3-node cluster (cache-churn with 200 cache lines
 per node, so that the bound shows on a small run) and stops it afterwards.
@@ -27,6 +33,7 @@ import argparse
 import asyncio
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +52,7 @@ from service.cluster import LocalCluster  # noqa: E402
 
 CHURN_CAPACITY = 200  # cache lines per node on a cluster of its own
 MAX_SECONDS = 600.0  # every scenario's bound
+CYCLES_PER_CLIENT = 100  # held-locks: 64 x 100 x 2 = 12,800 log entries, a snapshot's worth
 
 
 async def call(
@@ -180,6 +188,105 @@ async def cache_churn(nodes: list[JsonClient], keys: int, cluster: LocalCluster 
     return 0 if errors == 0 else 1
 
 
+async def held_locks(nodes: list[JsonClient], urls: list[str], locks: int) -> int:
+    prefix = f"held-{int(time.time() * 1000)}"
+    before = [await asyncio.to_thread(node_metrics, url) for url in urls]
+    latencies: list[float] = []
+    errors: list[str] = []
+    todo = iter(range(locks))
+
+    async def client() -> None:
+        for i in todo:
+            body = {"owner": f"o{i}", "ttl_ms": 600_000}
+            status, got, seconds = await nodes[i % len(nodes)].request(
+                "POST", f"/v1/locks/{prefix}-{i}", body, MAX_SECONDS
+            )
+            latencies.append(seconds * 1000)
+            if status != 200:
+                errors.append(f"{status} {got}")
+
+    started = time.monotonic()
+    await asyncio.gather(*(client() for _ in range(64)))
+    took = time.monotonic() - started
+    print(f"acquired: {locks - len(errors)} of {locks} locks in {took:.1f} s "
+          f"= {locks / took:.0f}/s")  # fmt: skip
+    print(latency_line("acquire", latencies))
+    await report_snapshots(urls, before)
+    # Then other traffic while they stay held: the snapshots it brings find them idle.
+    before = [await asyncio.to_thread(node_metrics, url) for url in urls]
+    latencies.clear()
+
+    async def cycles(c: int) -> None:
+        path = f"/v1/locks/{prefix}-busy-{c}"
+        for _ in range(CYCLES_PER_CLIENT):
+            status, got, seconds = await nodes[c % len(nodes)].request(
+                "POST", path, {"owner": f"busy{c}", "ttl_ms": 10_000}, MAX_SECONDS
+            )
+            latencies.append(seconds * 1000)
+            if status != 200:
+                errors.append(f"{status} {got}")
+                return
+            body = {"owner": f"busy{c}", "token": got["token"]}
+            status, got, _ = await nodes[c % len(nodes)].request(
+                "DELETE", path, body, MAX_SECONDS
+            )
+            if status != 200:
+                errors.append(f"{status} {got}")
+                return
+
+    started = time.monotonic()
+    await asyncio.gather(*(cycles(c) for c in range(64)))
+    print(f"then {64 * CYCLES_PER_CLIENT} acquire+release cycles on other locks in "
+          f"{time.monotonic() - started:.1f} s")  # fmt: skip
+    print(latency_line("acquire", latencies))
+    await report_snapshots(urls, before)
+    print(f"errors: {len(errors)}", *errors[:5], sep="\n  ")
+    return 0 if not errors else 1
+
+
+async def report_snapshots(urls: list[str], before: list[dict[str, Any]]) -> None:
+    for url, was in zip(urls, before, strict=True):
+        now = await asyncio.to_thread(node_metrics, url)
+        count = now["snapshots"] - was["snapshots"]
+        mean = (now["snapshot_s"] - was["snapshot_s"]) / count * 1000 if count else 0.0
+        # Buckets count the snapshots at or under their bound: the longest new one is
+        # under the lowest bound that counted every new one.
+        longest = min((b for b, n in now["snapshot_buckets"].items()
+                       if n - was["snapshot_buckets"].get(b, 0.0) >= count),
+                      default=float("inf"))  # fmt: skip
+        taken = (f"snapshots {count:.0f} (mean {mean:.0f} ms, longest <= "
+                 f"{longest * 1000:.0f} ms)" if count else "snapshots 0")  # fmt: skip
+        print(f"  {now['node']}: {taken}, loop stalls over 0.1 s "
+              f"{now['stalls'] - was['stalls']:.0f}, term {now['term']:.0f}")  # fmt: skip
+
+
+def node_metrics(url: str) -> dict[str, Any]:
+    """The figures held-locks reports, from one node's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    out: dict[str, Any] = {"node": "?", "snapshots": 0.0, "snapshot_s": 0.0,
+                           "snapshot_buckets": {}, "stalls": 0.0, "term": 0.0}  # fmt: skip
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, labels, value = sample.name, sample.labels, sample.value
+            if name == "dsync_raft_snapshot_seconds_count":
+                out["snapshots"] = value
+            elif name == "dsync_raft_snapshot_seconds_sum":
+                out["snapshot_s"] = value
+            elif name == "dsync_raft_snapshot_seconds_bucket" and labels["le"] != "+Inf":
+                out["snapshot_buckets"][float(labels["le"])] = value
+            elif name == "dsync_event_loop_lag_seconds_bucket":
+                if labels["le"] == "0.1":
+                    out["stalls"] -= value
+                elif labels["le"] == "+Inf":
+                    out["stalls"] += value
+            elif name == "dsync_raft_term":
+                out["node"], out["term"] = labels["node"], value
+    return out
+
+
 def redis_keys(cluster: LocalCluster, node_id: str) -> int:
     import redis
 
@@ -191,14 +298,17 @@ def redis_keys(cluster: LocalCluster, node_id: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=("hot-lock", "unacked", "cache-churn"))
+    parser.add_argument(
+        "scenario", choices=("hot-lock", "unacked", "cache-churn", "held-locks")
+    )
     parser.add_argument("--url", help="comma-separated node URLs (default: a local cluster)")
     parser.add_argument("--waiters", type=int, default=2_000)
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--keys", type=int, default=24_000)
+    parser.add_argument("--locks", type=int, default=60_000)
     add_http_client_argument(parser)
     args = parser.parse_args(argv)
-    for name in ("waiters", "messages", "keys"):
+    for name in ("waiters", "messages", "keys", "locks"):
         if not 1 <= getattr(args, name) <= 10_000_000:
             parser.error(f"--{name} must be between 1 and 10,000,000")
 
@@ -210,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                 return await hot_lock(nodes, args.waiters)
             if args.scenario == "unacked":
                 return await unacked(nodes, args.messages)
+            if args.scenario == "held-locks":
+                return await held_locks(nodes, urls, args.locks)
             return await cache_churn(nodes, args.keys, cluster)
         finally:
             for node in nodes:

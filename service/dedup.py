@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.machines import packed_dump
 from service.statemachine import Command, StateMachine
 from service.storage.protocols import HashWrite
 
@@ -242,6 +243,9 @@ class Deduplicated:
 
     def dump(self) -> dict[str, dict[str, str]]:
         return self.inner.dump()
+
+    def packed_dump(self) -> list[bytes]:
+        return packed_dump(self.inner)
 
     def load(self, hashes: Mapping[str, Mapping[str, str]]) -> None:
         self.inner.load(hashes)

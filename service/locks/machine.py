@@ -38,6 +38,7 @@ from service.locks.table import (
     LockTable,
     LockView,
 )
+from service.snapshot_entries import pack_entry
 from service.statemachine import Command
 from service.storage.protocols import HashWrite
 
@@ -56,6 +57,8 @@ class LockStateMachine:
         # Every replica must use the same bound, or their materialised state diverges
         # (harmlessly for fencing, but snapshots would differ).
         self._table = LockTable(max_tombstones)
+        # name -> its snapshot entry, packed, for locks unchanged since (packed_dump)
+        self._packed: dict[str, bytes] = {}
         self._handlers: dict[str, _Handler] = {
             "lock.acquire": self._acquire,
             "lock.release": self._release,
@@ -96,6 +99,7 @@ class LockStateMachine:
     def take_writes(self) -> list[HashWrite]:
         writes: list[HashWrite] = []
         for name, changes in self._table.take_changes():
+            self._packed.pop(name, None)
             state = self._table.state(name)
             if state is None or changes is None:  # forgotten, or every field changed
                 fields = encode(state) if state is not None else {}
@@ -116,9 +120,29 @@ class LockStateMachine:
                 dumped[PREFIX + name] = encode(state)
         return dumped
 
+    def packed_dump(self) -> list[bytes]:
+        """`dump()` as packed snapshot entries. A lock's entry is packed once and kept
+        until the lock changes (its change reaches take_writes, which drops it), so a
+        snapshot of many idle locks re-encodes only the ones that moved."""
+        unflushed = self._table.unflushed()
+        packed = self._packed
+        entries: list[bytes] = []
+        for name in self._table.names():
+            entry = None if name in unflushed else packed.get(name)
+            if entry is None:
+                state = self._table.state(name)
+                if state is None:
+                    continue
+                entry = pack_entry(PREFIX + name, encode(state))
+                if name not in unflushed:
+                    packed[name] = entry
+            entries.append(entry)
+        return entries
+
     def load(self, hashes: Mapping[str, Mapping[str, str]]) -> None:
         """Replace the state; raises ValueError on a malformed hash (a corrupt store
         must stop the node at start, not be half-loaded)."""
+        self._packed.clear()
         locks = [
             decode(key[len(PREFIX) :], fields)
             for key, fields in hashes.items()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -407,6 +408,10 @@ class LockTable:
         return self._locks.get(name)
 
     # --- change tracking and bulk load ---------------------------------------------
+
+    def unflushed(self) -> AbstractSet[str]:
+        """Names changed or forgotten since the last take_changes (a live view)."""
+        return self._dirty
 
     def take_dirty(self) -> list[str]:
         """Names whose state changed (or that were forgotten) since the last call."""

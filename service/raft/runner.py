@@ -547,7 +547,7 @@ class RaftRunner:
             return
         started = time.monotonic()
         meta = core.snapshot_meta(core.applied)
-        snapshot = Snapshot(meta, encode_snapshot_data(self.machines.dump()))
+        snapshot = Snapshot(meta, self.machines.snapshot_data())
         # The dump and its encoding hold the event loop; the rest is Redis.
         encoded = time.monotonic()
         await self.storage.save_snapshot(snapshot)

@@ -83,6 +83,11 @@ def test_locust_users_run_without_failures(c: LocalCluster) -> None:
         ("hot-lock", "--waiters=60", r"drained: 60 grants in .*; distinct tokens 60"),
         ("unacked", "--messages=600", r"consumed unacked: 600 msgs \(600 distinct\)"),
         ("cache-churn", "--keys=30", r"churned: 30 keys .*errors: 0"),
+        (
+            "held-locks",
+            "--locks=200",
+            r"acquired: 200 of 200 locks (.|\n)*then 6400 acquire\+release(.|\n)*node3: snap",
+        ),
     ],
 )
 def test_scale_bench_scenarios_run_and_report(
