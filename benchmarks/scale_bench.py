@@ -4,6 +4,7 @@
     python benchmarks/scale_bench.py unacked --messages 200000
     python benchmarks/scale_bench.py cache-churn --keys 24000
     python benchmarks/scale_bench.py held-locks --locks 60000
+    python benchmarks/scale_bench.py mass-expiry --locks 30000
     python benchmarks/scale_bench.py hot-lock --url http://127.0.0.1:8001,...
 
 - hot-lock: one lock is held while --waiters clients block on it (through every node);
@@ -22,6 +23,11 @@
   phase it prints the acquire latency and, per node, the snapshots taken (one every
   10,000 log entries: count, mean, the bucket of the longest), event-loop stalls and the
   Raft term, from /metrics. Each snapshot once re-encoded every held lock on the loop.
+- mass-expiry: --locks locks are acquired with a lease (--ttl-ms, 15 s) nobody renews, and
+  the leader is killed -9: the new one gives every lease a full TTL at once, so they all
+  end together. Prints when the first and the last were expired and the acquire latency
+  of other clients meanwhile. The leader's expiry scan once sorted every due lease,
+  every 50 ms, to propose 256. Needs a cluster of its own (no --url).
 
 Without --url it starts its own local 3-node cluster (cache-churn with 200 cache lines
 per node, so that the bound shows on a small run) and stops it afterwards.
@@ -244,6 +250,66 @@ async def held_locks(nodes: list[JsonClient], urls: list[str], locks: int) -> in
     return 0 if not errors else 1
 
 
+async def mass_expiry(
+    nodes: list[JsonClient], locks: int, ttl_ms: int, cluster: LocalCluster
+) -> int:
+    prefix = f"expiring-{int(time.time() * 1000)}"
+    errors: list[str] = []
+    todo = iter(range(locks))
+
+    async def hold() -> None:
+        for i in todo:
+            status, got = await call(
+                nodes, i, "POST", f"/v1/locks/{prefix}-{i:07d}",
+                {"owner": f"o{i}", "ttl_ms": ttl_ms},
+            )
+            if status != 200:
+                errors.append(f"{status} {got}")
+
+    started = time.monotonic()
+    await asyncio.gather(*(hold() for _ in range(64)))
+    print(f"held: {locks - len(errors)} locks with a {ttl_ms} ms lease, acquired in "
+          f"{time.monotonic() - started:.1f} s")  # fmt: skip
+    # A new leader gives every lease a full TTL at once: they all end together.
+    old = await asyncio.to_thread(cluster.wait_for_leader)
+    cluster.kill(old)
+    killed = time.monotonic()
+    new = await asyncio.to_thread(cluster.wait_for_leader)
+    print(f"killed leader {cluster.nodes[old].node_id}; {cluster.nodes[new].node_id} leads "
+          f"after {time.monotonic() - killed:.1f} s")  # fmt: skip
+    live = [n for k, n in enumerate(nodes) if k != old]
+    # Same deadline for all: the expiries go in name order, first to last.
+    first, last = f"{prefix}-{0:07d}", f"{prefix}-{locks - 1:07d}"
+    latencies: list[float] = []
+    seen: dict[str, float] = {}
+    while len(seen) < 2 and time.monotonic() - killed < MAX_SECONDS:
+        for name in (first, last):
+            if name not in seen:
+                status, view = await call(live, 0, "GET", f"/v1/locks/{name}")
+                if status in (200, 404) and not view.get("holders"):
+                    seen[name] = time.monotonic()
+        if first in seen:  # the storm is on: what does it cost other clients?
+            for c in range(8):
+                path = f"/v1/locks/{prefix}-other-{c}"
+                status, got, seconds = await live[c % len(live)].request(
+                    "POST", path, {"owner": f"other{c}", "ttl_ms": 60_000}, MAX_SECONDS
+                )
+                latencies.append(seconds * 1000)
+                if status == 200:
+                    body = {"owner": f"other{c}", "token": got["token"]}
+                    await call(live, c, "DELETE", path, body)
+        await asyncio.sleep(0.02)
+    status, listing = await call(live, 0, "GET", "/v1/locks")
+    held = sum(1 for v in listing.get("locks", []) if v["name"].startswith(f"{prefix}-")
+               and "-other-" not in v["name"])  # fmt: skip
+    if len(seen) == 2:
+        print(f"expired: {locks - held} of {locks}; first {seen[first] - killed:.1f} s after "
+              f"the kill, last {seen[last] - seen[first]:.1f} s after the first")  # fmt: skip
+    print(latency_line("other clients' acquire during the expiries", latencies))
+    print(f"errors: {len(errors)}", *errors[:5], sep="\n  ")
+    return 0 if not errors and held == 0 else 1
+
+
 async def report_snapshots(urls: list[str], before: list[dict[str, Any]]) -> None:
     for url, was in zip(urls, before, strict=True):
         now = await asyncio.to_thread(node_metrics, url)
@@ -299,16 +365,18 @@ def redis_keys(cluster: LocalCluster, node_id: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "scenario", choices=("hot-lock", "unacked", "cache-churn", "held-locks")
+        "scenario",
+        choices=("hot-lock", "unacked", "cache-churn", "held-locks", "mass-expiry"),
     )
     parser.add_argument("--url", help="comma-separated node URLs (default: a local cluster)")
     parser.add_argument("--waiters", type=int, default=2_000)
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--keys", type=int, default=24_000)
     parser.add_argument("--locks", type=int, default=60_000)
+    parser.add_argument("--ttl-ms", type=int, default=15_000, help="mass-expiry's leases")
     add_http_client_argument(parser)
     args = parser.parse_args(argv)
-    for name in ("waiters", "messages", "keys", "locks"):
+    for name in ("waiters", "messages", "keys", "locks", "ttl_ms"):
         if not 1 <= getattr(args, name) <= 10_000_000:
             parser.error(f"--{name} must be between 1 and 10,000,000")
 
@@ -322,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
                 return await unacked(nodes, args.messages)
             if args.scenario == "held-locks":
                 return await held_locks(nodes, urls, args.locks)
+            if args.scenario == "mass-expiry":
+                assert cluster is not None
+                return await mass_expiry(nodes, args.locks, args.ttl_ms, cluster)
             return await cache_churn(nodes, args.keys, cluster)
         finally:
             for node in nodes:
@@ -330,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     def scenario(urls: list[str], cluster: LocalCluster | None) -> int:
         return run(scenario_on(urls, cluster))
 
+    if args.url and args.scenario == "mass-expiry":
+        parser.error("mass-expiry kills the leader of a cluster of its own: no --url")
     if args.url:
         return scenario([u.rstrip("/") for u in args.url.split(",")], None)
     env = {"CACHE_MAX_ENTRIES": str(CHURN_CAPACITY)} if args.scenario == "cache-churn" else {}

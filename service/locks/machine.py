@@ -172,13 +172,14 @@ class LockStateMachine:
     def held_count(self) -> int:
         return self._table.held_count()
 
-    def expired(self, now_ms: int) -> list[Due]:
-        """Holds to propose `lock.expire` for (`Due.ident` is the token)."""
-        return self._table.expired(now_ms)
+    def expired(self, now_ms: int, limit: int | None = None) -> list[Due]:
+        """Holds to propose `lock.expire` for, earliest first (`Due.ident` is the token)."""
+        return self._table.expired(now_ms, limit)
 
-    def expired_waits(self, now_ms: int) -> list[Due]:
-        """Waits to propose `lock.expire_wait` for (`Due.ident` is the seq)."""
-        return self._table.expired_waits(now_ms)
+    def expired_waits(self, now_ms: int, limit: int | None = None) -> list[Due]:
+        """Waits to propose `lock.expire_wait` for, earliest first (`Due.ident` is the
+        seq)."""
+        return self._table.expired_waits(now_ms, limit)
 
     def wait_for_graph(self) -> dict[str, tuple[str, ...]]:
         return self._table.wait_for_graph()

@@ -323,18 +323,21 @@ class LockService:
                 self._propose_expiries(now_ms())
 
     def _propose_expiries(self, now: int) -> None:
+        # The earliest MAX_EXPIRIES_IN_FLIGHT of each kind are enough: those in flight
+        # are among them (they stay due until applied), and the budget is what is left.
         budget = MAX_EXPIRIES_IN_FLIGHT - len(self._in_flight)
-        for due in self.machine.expired(now)[: max(0, budget)]:
+        for due in self.machine.expired(now, MAX_EXPIRIES_IN_FLIGHT):
             key = ("hold", due.name, due.owner, due.ident)
-            if key not in self._in_flight:
+            if budget > 0 and key not in self._in_flight:
                 args = {"name": due.name, "owner": due.owner, "token": due.ident}
                 self._spawn(self._expire("lock.expire", args, key))
-        budget = MAX_EXPIRIES_IN_FLIGHT - len(self._in_flight)
-        for due in self.machine.expired_waits(now)[: max(0, budget)]:
+                budget -= 1
+        for due in self.machine.expired_waits(now, MAX_EXPIRIES_IN_FLIGHT):
             key = ("wait", due.name, due.owner, due.ident)
-            if key not in self._in_flight:
+            if budget > 0 and key not in self._in_flight:
                 args = {"name": due.name, "owner": due.owner, "seq": due.ident}
                 self._spawn(self._expire("lock.expire_wait", args, key))
+                budget -= 1
 
     async def _expire(self, op: str, args: dict[str, Any], key: tuple[str, str, str, int]) -> None:
         self._in_flight.add(key)

@@ -386,14 +386,16 @@ class LockTable:
         lock = self._locks.get(name)
         return lock is not None and any(h.token == token for h in lock.holders.values())
 
-    def expired(self, now_ms: int) -> list[Due]:
-        """Holds whose lease ended by now_ms: the leader proposes `lock.expire` for each."""
-        due = self._hold_deadlines.due(now_ms, self._hold_live)
+    def expired(self, now_ms: int, limit: int | None = None) -> list[Due]:
+        """Holds whose lease ended by now_ms, earliest first (the first `limit`): the
+        leader proposes `lock.expire` for each."""
+        due = self._hold_deadlines.due(now_ms, self._hold_live, limit)
         return [Due(name, owner, token, d) for d, (name, owner, token) in due]
 
-    def expired_waits(self, now_ms: int) -> list[Due]:
-        """Waits past their deadline: the leader proposes `lock.expire_wait` for each."""
-        due = self._wait_deadlines.due(now_ms, self._wait_live)
+    def expired_waits(self, now_ms: int, limit: int | None = None) -> list[Due]:
+        """Waits past their deadline, earliest first (the first `limit`): the leader
+        proposes `lock.expire_wait` for each."""
+        due = self._wait_deadlines.due(now_ms, self._wait_live, limit)
         return [Due(name, owner, seq, d) for d, (name, owner, seq) in due]
 
     def wait_for_graph(self) -> dict[str, tuple[str, ...]]:

@@ -99,3 +99,16 @@ def test_scale_bench_scenarios_run_and_report(
     print(done.stdout, done.stderr[-3000:])
     assert done.returncode == 0
     assert re.search(expect, done.stdout), done.stdout
+
+
+def test_scale_bench_mass_expiry_kills_its_own_leader_and_sees_every_lease_expire() -> None:
+    command = [sys.executable, "benchmarks/scale_bench.py", "mass-expiry", "--locks=300",
+               "--ttl-ms=2000"]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    print(done.stdout, done.stderr[-3000:])
+    assert done.returncode == 0
+    assert re.search(r"killed leader node\d; node\d leads", done.stdout), done.stdout
+    assert re.search(r"expired: 300 of 300; first", done.stdout), done.stdout
+    refused = subprocess.run([*command, "--url", "http://127.0.0.1:1"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 2 and "no --url" in refused.stderr

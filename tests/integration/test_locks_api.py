@@ -398,3 +398,39 @@ def test_a_thousand_blocking_waiters_on_one_lock_are_all_served_and_the_leader_s
     assert problems == [] and len(set(tokens)) == waiters
     assert call(c, 0, "GET", "/health")[1]["term"] == term  # no election meanwhile
 
+
+
+def test_a_mass_expiry_expires_every_lease_several_scans_deep(c: LocalCluster) -> None:
+    """1,500 leases ending together: the leader proposes at most 256 expiries at a time
+    and takes the earliest due ones on each scan (without sorting every due lease), so
+    they must all go, scan after scan, and the locks be free to take again."""
+    prefix, count = unique("mass"), 1_500
+
+    async def hold_all() -> list[str]:
+        problems: list[str] = []
+        async with client_session(
+            connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=30)
+        ) as session:
+
+            async def hold(i: int) -> None:
+                url = f"{c.nodes[i % c.size].url}/v1/locks/{prefix}-{i}"
+                async with session.post(url, json={"owner": f"o{i}", "ttl_ms": 1_500}) as r:
+                    if r.status != 200:
+                        problems.append(f"{i}: {r.status} {await r.text()}")
+
+            await asyncio.gather(*(hold(i) for i in range(count)))
+        return problems
+
+    assert asyncio.run(hold_all()) == []
+    deadline = time.monotonic() + 30
+    held = count
+    while time.monotonic() < deadline:
+        status, body = call(c, 1, "GET", "/v1/locks")
+        assert status == 200
+        held = sum(1 for lock in body["locks"] if lock["name"].startswith(prefix))
+        if held == 0:
+            break
+        time.sleep(0.2)
+    assert held == 0, f"{held} of {count} leases still held 30 s after they ended"
+    for i in (0, count // 2, count - 1):
+        assert acquire(c, i, f"{prefix}-{i}", "next", ttl_ms=10_000)[0] == 200
