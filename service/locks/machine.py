@@ -166,6 +166,9 @@ class LockStateMachine:
     def all_held(self) -> list[LockView]:
         return self._table.all_held()
 
+    def held_page(self, after: str | None, limit: int) -> tuple[list[LockView], bool]:
+        return self._table.held_page(after, limit)
+
     def validate(self, name: str, token: int) -> bool:
         return self._table.validate(name, token)
 

@@ -143,6 +143,11 @@ class LockService:
     def all_held(self) -> list[LockView]:
         return self.machine.all_held()
 
+    def held_page(self, after: str | None, limit: int) -> tuple[list[LockView], bool]:
+        """Held locks named after `after`, in name order: `limit` at most, and whether
+        more follow."""
+        return self.machine.held_page(after, limit)
+
     def validate(self, name: str, token: int) -> bool:
         return self.machine.validate(name, token)
 

@@ -27,7 +27,8 @@ Rules, in one place:
 
 from __future__ import annotations
 
-from bisect import bisect_left
+import itertools
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
@@ -208,6 +209,7 @@ class LockTable:
     def __init__(self, max_tombstones: int = DEFAULT_MAX_TOMBSTONES) -> None:
         self._max_tombstones = max_tombstones
         self._locks: dict[str, LockState] = {}
+        self._sorted_names: list[str] | None = None  # sorted(self._locks), when known
         # Free locks in the order they became free (dict as an ordered set).
         self._tombstones: dict[str, None] = {}
         # Derived indexes, rebuilt by `replace_all`.
@@ -256,6 +258,7 @@ class LockTable:
         else:
             lock = LockState(name)
             self._locks[name] = lock
+            self._sorted_names = None
             return self._grant(lock, index, now_ms, owner, mode, ttl_ms)
         if not wait:
             return Held(name)
@@ -376,8 +379,31 @@ class LockTable:
         return LockView(name, lock.last_token, lock.sorted_holders(), tuple(lock.waiters))
 
     def all_held(self) -> list[LockView]:
-        views = (self.get(name) for name in sorted(self._locks) if self._locks[name].holders)
+        views = (self.get(name) for name in self._names_in_order() if self._locks[name].holders)
         return [v for v in views if v is not None]
+
+    def held_page(self, after: str | None, limit: int) -> tuple[list[LockView], bool]:
+        """Held locks named after `after` (from the first when None), in name order: at
+        most `limit` of them, and whether more follow. A listing of a large table is
+        built a page at a time, so no single step walks every lock."""
+        names = self._names_in_order()
+        start = 0 if after is None else bisect_right(names, after)
+        views: list[LockView] = []
+        for name in itertools.islice(names, start, None):
+            if not self._locks[name].holders:
+                continue
+            if len(views) == limit:
+                return views, True
+            view = self.get(name)
+            assert view is not None
+            views.append(view)
+        return views, False
+
+    def _names_in_order(self) -> list[str]:
+        # Kept until a lock is added or forgotten: pages of a listing bisect it.
+        if self._sorted_names is None:
+            self._sorted_names = sorted(self._locks)
+        return self._sorted_names
 
     def held_count(self) -> int:
         return sum(1 for lock in self._locks.values() if lock.holders)
@@ -435,6 +461,7 @@ class LockTable:
     def replace_all(self, locks: list[LockState]) -> None:
         """Replace the whole state (from materialised hashes) and rebuild indexes."""
         self._locks = {lock.name: lock for lock in sorted(locks, key=lambda s: s.name)}
+        self._sorted_names = None
         free = sorted((s for s in locks if not s.busy), key=lambda s: (s.freed_at, s.name))
         self._tombstones = {s.name: None for s in free}
         self._waiting_on = {}
@@ -535,6 +562,7 @@ class LockTable:
             name = next(iter(self._tombstones))
             del self._tombstones[name]
             del self._locks[name]
+            self._sorted_names = None
             self._rewrite(name)
 
     def _blockers(

@@ -563,3 +563,42 @@ def test_shared_waiters_do_not_wait_for_each_other(t):
     out = t.acq("L", "s2", S, wait=True)
     assert isinstance(out, Queued)
     assert t.t.wait_for_graph() == {"k": ("s2",), "s1": ("h", "k"), "s2": ("h",)}
+
+
+# --- listing a page at a time ---------------------------------------------------------
+
+
+def test_pages_of_held_locks_cover_them_in_name_order_once_each():
+    t = T(max_tombstones=3)
+    held = set()
+    for i in [5, 3, 9, 1, 7, 2, 8, 0, 6, 4]:
+        t.grant(f"L{i}", "a")
+        held.add(f"L{i}")
+    g = t.grant("L10", "a")
+    t.rel("L10", "a", g.token)  # free (a tombstone): not listed
+    t.wait("L3", "b")  # a waiter does not make it listed twice
+    listed, after, pages = [], None, 0
+    while True:
+        views, more = t.t.held_page(after, 3)
+        pages += 1
+        listed += [v.name for v in views]
+        if not more:
+            break
+        assert len(views) == 3
+        after = views[-1].name
+    assert listed == sorted(held) and pages == 4
+    assert [v.name for v in t.t.held_page(None, 100)[0]] == [v.name for v in t.t.all_held()]
+
+
+def test_a_page_sees_locks_added_and_forgotten_since_the_last_one():
+    t = T(max_tombstones=1)
+    tokens = {n: t.grant(n, "a").token for n in ("B", "D")}
+    assert [v.name for v in t.t.held_page(None, 10)[0]] == ["B", "D"]
+    t.grant("C", "a")  # a new name after the list of names was sorted
+    assert [v.name for v in t.t.held_page("B", 10)[0]] == ["C", "D"]
+    t.rel("B", "a", tokens["B"])
+    t.rel("D", "a", tokens["D"])  # B is forgotten (one tombstone kept): D's stays
+    assert t.t.get("B") is None
+    assert [v.name for v in t.t.held_page(None, 10)[0]] == ["C"]
+    assert t.t.held_page("C", 10) == ([], False)
+    assert [v.name for v in t.t.held_page("A", 1)[0]] == ["C"]
