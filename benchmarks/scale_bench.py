@@ -278,6 +278,7 @@ async def mass_expiry(
     print(f"killed leader {cluster.nodes[old].node_id}; {cluster.nodes[new].node_id} leads "
           f"after {time.monotonic() - killed:.1f} s")  # fmt: skip
     live = [n for k, n in enumerate(nodes) if k != old]
+    term = (await call(live, 0, "GET", "/health"))[1].get("term")
     # Same deadline for all: the expiries go in name order, first to last.
     first, last = f"{prefix}-{0:07d}", f"{prefix}-{locks - 1:07d}"
     latencies: list[float] = []
@@ -306,6 +307,8 @@ async def mass_expiry(
         print(f"expired: {locks - held} of {locks}; first {seen[first] - killed:.1f} s after "
               f"the kill, last {seen[last] - seen[first]:.1f} s after the first")  # fmt: skip
     print(latency_line("other clients' acquire during the expiries", latencies))
+    term_after = (await call(live, 0, "GET", "/health"))[1].get("term")
+    print(f"elections after the failover: term {term} -> {term_after}")
     print(f"errors: {len(errors)}", *errors[:5], sep="\n  ")
     return 0 if not errors and held == 0 else 1
 

@@ -4,13 +4,18 @@
 
     mode          exclusive | shared
     last_token    57                         fencing token of the latest grant
-    holder:alice  57|exclusive|30000|812345  token|mode|ttl_ms|expires_at_ms
-    waiter:61     bob|shared|30000|10000|... owner|mode|ttl_ms|wait_ms|deadline_ms
+    holder:alice  57|exclusive|30000|812345@3  token|mode|ttl_ms|expires_at_ms@epoch
+    waiter:61     bob|shared|30000|10000|...@3 owner|mode|ttl_ms|wait_ms|deadline_ms@epoch
 
 `waiter:<seq>`: seq is the log index of the acquire that queued it; FIFO order is seq
 order. A free lock keeps only `mode free`, `last_token` and `freed_at` (the index that
 freed it, which orders forgetting old free locks). Times are on the current leader's
 monotonic clock (see `LockTable.leader_change`), not wall-clock time.
+
+`@epoch` is the lease epoch the deadline was set in (absent: epoch 0, as written before
+epochs existed). The hash `dsync:lock:` (the empty name, which no lock can have) holds
+the current epoch and the clock it began at: `epoch 3`, `now_ms 811000`. A deadline
+from an earlier epoch counts from there: `now_ms + ttl_ms` (waits: `+ wait_ms`).
 """
 
 from __future__ import annotations
@@ -62,11 +67,35 @@ def _header(lock: LockState) -> dict[str, str]:
 
 
 def _hold_value(h: Hold) -> str:
-    return f"{h.token}|{h.mode.value}|{h.ttl_ms}|{h.expires_at_ms}"
+    return f"{h.token}|{h.mode.value}|{h.ttl_ms}|{_time(h.expires_at_ms, h.epoch)}"
 
 
 def _wait_value(w: Waiter) -> str:
-    return f"{w.owner}|{w.mode.value}|{w.ttl_ms}|{w.wait_ms}|{w.deadline_ms}"
+    return f"{w.owner}|{w.mode.value}|{w.ttl_ms}|{w.wait_ms}|{_time(w.deadline_ms, w.epoch)}"
+
+
+def _time(ms: int, epoch: int) -> str:
+    return f"{ms}@{epoch}" if epoch else str(ms)
+
+
+def _parse_time(text: str) -> tuple[int, int]:
+    ms, _, epoch = text.partition("@")
+    return int(ms), int(epoch or 0)
+
+
+def encode_epoch(epoch: int, now_ms: int) -> dict[str, str]:
+    """The lease epoch's hash (`LockTable.lease_epoch`)."""
+    return {"epoch": str(epoch), "now_ms": str(now_ms)}
+
+
+def decode_epoch(fields: Mapping[str, str]) -> tuple[int, int]:
+    try:
+        epoch, now_ms = int(fields["epoch"]), int(fields["now_ms"])
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"malformed lease epoch hash: {dict(fields)!r}") from exc
+    if epoch < 0:
+        raise ValueError(f"negative lease epoch {epoch}")
+    return epoch, now_ms
 
 
 def decode(name: str, fields: Mapping[str, str]) -> LockState:
@@ -88,12 +117,14 @@ def _decode(name: str, fields: Mapping[str, str]) -> LockState:
         if key.startswith(HOLDER):
             owner = key[len(HOLDER) :]
             token, mode, ttl, expires = value.split("|")
-            lock.holders[owner] = Hold(owner, Mode(mode), int(token), int(ttl), int(expires))
+            at, epoch = _parse_time(expires)
+            lock.holders[owner] = Hold(owner, Mode(mode), int(token), int(ttl), at, epoch)
         elif key.startswith(WAITER):
             # The owner comes first and may itself contain "|": split from the right.
             owner, mode, ttl, wait, deadline = value.rsplit("|", 4)
             seq = int(key[len(WAITER) :])
-            waiters.append(Waiter(seq, owner, Mode(mode), int(ttl), int(wait), int(deadline)))
+            at, epoch = _parse_time(deadline)
+            waiters.append(Waiter(seq, owner, Mode(mode), int(ttl), int(wait), at, epoch))
         elif key not in ("mode", "last_token", "freed_at"):
             raise ValueError(f"unknown field {key!r}")
     lock.waiters = sorted(waiters, key=lambda w: w.seq)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from service.locks import results
-from service.locks.codec import decode, encode, encode_changes
+from service.locks.codec import decode, decode_epoch, encode, encode_changes, encode_epoch
 from service.locks.commands import (
     BadCommand,
     parse_acquire,
@@ -45,6 +45,8 @@ from service.storage.protocols import HashWrite
 log = logging.getLogger(__name__)
 
 PREFIX = "dsync:lock:"
+# The lease epoch (LockTable.leader_change): the empty name, which no lock can have.
+EPOCH_KEY = PREFIX
 
 Result = dict[str, Any]
 _Handler = Callable[[int, Command, Mapping[str, Any]], Result]
@@ -98,6 +100,8 @@ class LockStateMachine:
 
     def take_writes(self) -> list[HashWrite]:
         writes: list[HashWrite] = []
+        if self._table.take_epoch_change():
+            writes.append(HashWrite(EPOCH_KEY, encode_epoch(*self._table.lease_epoch()), drop=True))
         for name, changes in self._table.take_changes():
             self._packed.pop(name, None)
             state = self._table.state(name)
@@ -114,6 +118,9 @@ class LockStateMachine:
 
     def dump(self) -> dict[str, dict[str, str]]:
         dumped: dict[str, dict[str, str]] = {}
+        epoch = self._table.lease_epoch()
+        if epoch != (0, 0):
+            dumped[EPOCH_KEY] = encode_epoch(*epoch)
         for name in self._table.names():
             state = self._table.state(name)
             if state is not None:
@@ -127,6 +134,9 @@ class LockStateMachine:
         unflushed = self._table.unflushed()
         packed = self._packed
         entries: list[bytes] = []
+        epoch = self._table.lease_epoch()
+        if epoch != (0, 0):
+            entries.append(pack_entry(EPOCH_KEY, encode_epoch(*epoch)))
         for name in self._table.names():
             entry = None if name in unflushed else packed.get(name)
             if entry is None:
@@ -146,9 +156,10 @@ class LockStateMachine:
         locks = [
             decode(key[len(PREFIX) :], fields)
             for key, fields in hashes.items()
-            if key.startswith(PREFIX)
+            if key.startswith(PREFIX) and key != EPOCH_KEY
         ]
-        self._table.replace_all(locks)
+        epoch = hashes.get(EPOCH_KEY)
+        self._table.replace_all(locks, decode_epoch(epoch) if epoch is not None else (0, 0))
 
     # --- for the lock service ----------------------------------------------------------
 

@@ -52,6 +52,9 @@ class Hold:
     token: int
     ttl_ms: int
     expires_at_ms: int
+    # The lease epoch the deadline was set in: after a later leader change the hold's
+    # deadline is that change's now + ttl_ms instead (see LockTable.leader_change).
+    epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,7 @@ class Waiter:
     ttl_ms: int  # the lease length it gets once granted
     wait_ms: int  # how long it may wait before the leader may drop it (see expire_wait)
     deadline_ms: int
+    epoch: int = 0  # as Hold.epoch, with wait_ms
 
 
 @dataclass(slots=True)
@@ -210,6 +214,11 @@ class LockTable:
         self._max_tombstones = max_tombstones
         self._locks: dict[str, LockState] = {}
         self._sorted_names: list[str] | None = None  # sorted(self._locks), when known
+        # Lease epoch: bumped by each leader change, with that change's clock. A hold or
+        # wait set in an earlier epoch has its deadline from there (see leader_change).
+        self._epoch = 0
+        self._epoch_now_ms = 0
+        self._epoch_changed = False
         # Free locks in the order they became free (dict as an ordered set).
         self._tombstones: dict[str, None] = {}
         # Derived indexes, rebuilt by `replace_all`.
@@ -245,13 +254,13 @@ class LockTable:
                 # Re-acquiring returns the current grant unchanged (a retry without a
                 # request id must not mint a second token or extend the lease).
                 if hold.mode is mode:
-                    return _granted(name, hold)
+                    return self._granted(name, hold)
                 return ModeConflict(name, owner, hold.mode, mode, waiting=False)
             pos = self._waiter_pos(lock, owner)
             if pos is not None:
                 waiter = lock.waiters[pos]
                 if waiter.mode is mode:
-                    return _queued(name, waiter, pos)
+                    return self._queued(name, waiter, pos)
                 return ModeConflict(name, owner, waiter.mode, mode, waiting=True)
             if not lock.waiters and compatible(mode, lock.holders):
                 return self._grant(lock, index, now_ms, owner, mode, ttl_ms)
@@ -266,12 +275,12 @@ class LockTable:
         if cycle is not None:
             return Deadlock(name, cycle)
         budget = wait_ms or ttl_ms
-        waiter = Waiter(index, owner, mode, ttl_ms, budget, now_ms + budget)
+        waiter = Waiter(index, owner, mode, ttl_ms, budget, now_ms + budget, self._epoch)
         lock.waiters.append(waiter)
         self._waiting_on.setdefault(owner, {})[name] = (waiter.seq, mode)
         self._wait_deadlines.push(waiter.deadline_ms, (name, owner, waiter.seq))
         self._changed(name, waiter=waiter.seq)
-        return _queued(name, waiter, len(lock.waiters) - 1)
+        return self._queued(name, waiter, len(lock.waiters) - 1)
 
     def release(self, index: int, now_ms: int, name: str, owner: str, token: int) -> ReleaseOutcome:
         lock = self._locks.get(name)
@@ -295,12 +304,12 @@ class LockTable:
         if lock is None or hold is None or hold.token != token:
             return None
         ttl = hold.ttl_ms if ttl_ms is None else ttl_ms
-        hold = replace(hold, ttl_ms=ttl, expires_at_ms=now_ms + ttl)
+        hold = replace(hold, ttl_ms=ttl, expires_at_ms=now_ms + ttl, epoch=self._epoch)
         lock.holders[owner] = hold
         self._hold_deadlines.push(hold.expires_at_ms, (name, owner, hold.token))
         self._maybe_rebuild_deadlines()
         self._changed(name, holder=owner)
-        return _granted(name, hold)
+        return self._granted(name, hold)
 
     def expire(self, index: int, now_ms: int, name: str, owner: str, token: int) -> bool:
         """End a hold whose lease ran out as of now_ms; False (no-op) if it no longer
@@ -309,7 +318,7 @@ class LockTable:
         hold = lock.holders.get(owner) if lock is not None else None
         if lock is None or hold is None or hold.token != token:
             return False
-        if hold.expires_at_ms > now_ms:
+        if self._expires_at(hold) > now_ms:
             return False
         del lock.holders[owner]
         self._stop_holding(owner, name)
@@ -330,7 +339,7 @@ class LockTable:
         pos = self._waiter_pos(lock, owner)
         if pos is None or (seq is not None and lock.waiters[pos].seq != seq):
             hold = lock.holders.get(owner)
-            return _granted(name, hold) if hold is not None else CancelOutcome.NOT_WAITING
+            return self._granted(name, hold) if hold is not None else CancelOutcome.NOT_WAITING
         self._drop_waiter(lock, pos, "cancelled", index, now_ms)
         return CancelOutcome.CANCELLED
 
@@ -342,7 +351,7 @@ class LockTable:
         pos = self._waiter_pos(lock, owner)
         if pos is None or lock.waiters[pos].seq != seq:
             return False
-        if lock.waiters[pos].deadline_ms > now_ms:
+        if self._deadline(lock.waiters[pos]) > now_ms:
             return False
         self._drop_waiter(lock, pos, "expired", index, now_ms)
         return True
@@ -355,20 +364,31 @@ class LockTable:
         to the new one. Restarting every lease from the new leader's `now` is safe (a
         holder never loses its lock early; it keeps it at most one TTL longer) and it
         makes every deadline comparable with the `now_ms` of later commands.
+
+        The reset is lazy: it starts a new lease epoch at `now_ms`, and a hold or wait
+        whose deadline was set in an earlier epoch counts from there (`_expires_at`,
+        `_deadline`); no lock changes. Rewriting every lock did not scale: with 60,000
+        held locks each replica spent seconds applying it and writing 60,000 hashes,
+        followers stopped answering, the leader stepped down, and the next leader's
+        reset did the same (terms 1 to 25 and counting).
         Returns (holds, waits) reset.
         """
-        holds = waits = 0
-        for name, lock in self._locks.items():
-            if not lock.busy:
-                continue
-            for owner, hold in lock.holders.items():
-                lock.holders[owner] = replace(hold, expires_at_ms=now_ms + hold.ttl_ms)
-                holds += 1
-            lock.waiters = [replace(w, deadline_ms=now_ms + w.wait_ms) for w in lock.waiters]
-            waits += len(lock.waiters)
-            self._rewrite(name)
+        self._epoch += 1
+        self._epoch_now_ms = now_ms
+        self._epoch_changed = True
         self._rebuild_deadlines()
+        holds = sum(len(lock.holders) for lock in self._locks.values())
+        waits = sum(len(lock.waiters) for lock in self._locks.values())
         return holds, waits
+
+    def lease_epoch(self) -> tuple[int, int]:
+        """(epoch, the now_ms it started at): materialised with the locks."""
+        return self._epoch, self._epoch_now_ms
+
+    def take_epoch_change(self) -> bool:
+        """Whether the lease epoch changed since the last call."""
+        changed, self._epoch_changed = self._epoch_changed, False
+        return changed
 
     # --- queries ---------------------------------------------------------------------
 
@@ -376,7 +396,12 @@ class LockTable:
         lock = self._locks.get(name)
         if lock is None:
             return None
-        return LockView(name, lock.last_token, lock.sorted_holders(), tuple(lock.waiters))
+        return LockView(
+            name,
+            lock.last_token,
+            tuple(self._current_hold(h) for h in lock.sorted_holders()),
+            tuple(self._current_wait(w) for w in lock.waiters),
+        )
 
     def all_held(self) -> list[LockView]:
         views = (self.get(name) for name in self._names_in_order() if self._locks[name].holders)
@@ -458,8 +483,10 @@ class LockTable:
         events, self._events = self._events, []
         return events
 
-    def replace_all(self, locks: list[LockState]) -> None:
+    def replace_all(self, locks: list[LockState], lease_epoch: tuple[int, int] = (0, 0)) -> None:
         """Replace the whole state (from materialised hashes) and rebuild indexes."""
+        self._epoch, self._epoch_now_ms = lease_epoch
+        self._epoch_changed = False
         self._locks = {lock.name: lock for lock in sorted(locks, key=lambda s: s.name)}
         self._sorted_names = None
         free = sorted((s for s in locks if not s.busy), key=lambda s: (s.freed_at, s.name))
@@ -485,7 +512,7 @@ class LockTable:
     def _grant(
         self, lock: LockState, index: int, now_ms: int, owner: str, mode: Mode, ttl_ms: int
     ) -> Granted:
-        hold = Hold(owner, mode, index, ttl_ms, now_ms + ttl_ms)
+        hold = Hold(owner, mode, index, ttl_ms, now_ms + ttl_ms, self._epoch)
         lock.holders[owner] = hold
         self._holding.setdefault(owner, set()).add(lock.name)
         # Log indexes only grow, so this keeps last_token monotonic by construction.
@@ -494,7 +521,7 @@ class LockTable:
         self._tombstones.pop(lock.name, None)
         self._hold_deadlines.push(hold.expires_at_ms, (lock.name, owner, index))
         self._changed(lock.name, holder=owner)
-        return _granted(lock.name, hold)
+        return self._granted(lock.name, hold)
 
     def _after_leave(self, lock: LockState, index: int, now_ms: int) -> None:
         """A holder or waiter left: grant from the head, then forget the lock if free."""
@@ -675,7 +702,7 @@ class LockTable:
         name, owner, token = key
         lock = self._locks.get(name)
         hold = lock.holders.get(owner) if lock is not None else None
-        return hold is not None and hold.token == token and hold.expires_at_ms == deadline_ms
+        return hold is not None and hold.token == token and self._expires_at(hold) == deadline_ms
 
     def _wait_live(self, deadline_ms: int, key: Key) -> bool:
         name, owner, seq = key
@@ -686,16 +713,49 @@ class LockTable:
         if pos is None:
             return False
         waiter = lock.waiters[pos]
-        return waiter.seq == seq and waiter.deadline_ms == deadline_ms
+        return waiter.seq == seq and self._deadline(waiter) == deadline_ms
 
     def _rebuild_deadlines(self) -> None:
         holds: list[tuple[int, Key]] = []
         waits: list[tuple[int, Key]] = []
         for name, lock in self._locks.items():
-            holds.extend((h.expires_at_ms, (name, h.owner, h.token)) for h in lock.holders.values())
-            waits.extend((w.deadline_ms, (name, w.owner, w.seq)) for w in lock.waiters)
+            holds.extend(
+                (self._expires_at(h), (name, h.owner, h.token)) for h in lock.holders.values()
+            )
+            waits.extend((self._deadline(w), (name, w.owner, w.seq)) for w in lock.waiters)
         self._hold_deadlines.rebuild(holds)
         self._wait_deadlines.rebuild(waits)
+
+    # --- deadlines across lease epochs ----------------------------------------------
+
+    def _expires_at(self, hold: Hold) -> int:
+        if hold.epoch == self._epoch:
+            return hold.expires_at_ms
+        return self._epoch_now_ms + hold.ttl_ms
+
+    def _deadline(self, waiter: Waiter) -> int:
+        if waiter.epoch == self._epoch:
+            return waiter.deadline_ms
+        return self._epoch_now_ms + waiter.wait_ms
+
+    def _current_hold(self, hold: Hold) -> Hold:
+        """The hold as it stands in this epoch (for views and results)."""
+        if hold.epoch == self._epoch:
+            return hold
+        return replace(hold, expires_at_ms=self._expires_at(hold), epoch=self._epoch)
+
+    def _current_wait(self, waiter: Waiter) -> Waiter:
+        if waiter.epoch == self._epoch:
+            return waiter
+        return replace(waiter, deadline_ms=self._deadline(waiter), epoch=self._epoch)
+
+    def _granted(self, name: str, hold: Hold) -> Granted:
+        h = hold
+        return Granted(name, h.owner, h.mode, h.token, h.ttl_ms, self._expires_at(h))
+
+    def _queued(self, name: str, waiter: Waiter, pos: int) -> Queued:
+        w = waiter
+        return Queued(name, w.owner, w.mode, w.seq, pos + 1, self._deadline(w))
 
     def _maybe_rebuild_deadlines(self) -> None:
         if self._hold_deadlines.needs_rebuild() or self._wait_deadlines.needs_rebuild():
@@ -725,10 +785,3 @@ class _Explored:
 def _seq(waiter: Waiter) -> int:
     return waiter.seq
 
-
-def _granted(name: str, hold: Hold) -> Granted:
-    return Granted(name, hold.owner, hold.mode, hold.token, hold.ttl_ms, hold.expires_at_ms)
-
-
-def _queued(name: str, waiter: Waiter, pos: int) -> Queued:
-    return Queued(name, waiter.owner, waiter.mode, waiter.seq, pos + 1, waiter.deadline_ms)

@@ -109,6 +109,7 @@ def test_scale_bench_mass_expiry_kills_its_own_leader_and_sees_every_lease_expir
     assert done.returncode == 0
     assert re.search(r"killed leader node\d; node\d leads", done.stdout), done.stdout
     assert re.search(r"expired: 300 of 300; first", done.stdout), done.stdout
+    assert re.search(r"elections after the failover: term \d+ -> \d+", done.stdout)
     refused = subprocess.run([*command, "--url", "http://127.0.0.1:1"], cwd=REPO,
                              capture_output=True, text=True, timeout=60)  # fmt: skip
     assert refused.returncode == 2 and "no --url" in refused.stderr

@@ -267,11 +267,50 @@ def test_a_lock_with_a_long_queue_is_written_field_by_field(d):
     assert write.deleted == ("freed_at", "holder:holder", "waiter:2")
     apply_writes(store, [write])
     assert store == d.m.dump()
-    d.leader_change(5)  # every deadline moves: the whole hash again
+    d.leader_change(5)  # every deadline moves, and only the lease epoch is written
     (write,) = d.m.take_writes()
-    assert write.drop and len(write.fields) == 2 + 1 + 999
+    assert write.key == "dsync:lock:" and write.fields == {"epoch": "1", "now_ms": "5"}
     apply_writes(store, [write])
     assert store == d.m.dump()
+    view = d.m.get("L")
+    assert view is not None and view.holders[0].expires_at_ms == 5 + view.holders[0].ttl_ms
+    assert {w.deadline_ms for w in view.waiters} == {5 + 60_000}
+
+
+def test_a_leader_change_over_many_locks_writes_one_hash_and_reloads_the_same() -> None:
+    """The lease reset is an epoch, not a rewrite of every lock: with 60,000 held locks
+    the rewrite took each replica seconds and kept deposing leaders."""
+    machine = LockStateMachine()
+    index = 0
+    for i in range(3_000):
+        index += 1
+        machine.apply(index, Command("lock.acquire", {"name": f"L{i}", "owner": "o",
+                                                      "ttl_ms": 1_000 + i}, now_ms=10))
+    store: dict[str, dict[str, str]] = {}
+    apply_writes(store, machine.take_writes())
+    before = {k: dict(v) for k, v in store.items()}
+    index += 1
+    result = machine.apply(index, Command("lock.leader_change", {}, now_ms=500))
+    assert result == {"status": "ok", "holds": 3_000, "waits": 0}
+    writes = machine.take_writes()
+    assert [w.key for w in writes] == ["dsync:lock:"]
+    apply_writes(store, writes)
+    assert {k: v for k, v in store.items() if k != "dsync:lock:"} == before
+    reloaded = LockStateMachine()
+    reloaded.load(store)
+    assert reloaded.dump() == machine.dump() == store
+    for m in (machine, reloaded):
+        assert [(d.name, d.deadline_ms) for d in m.expired(500 + 1_001)] == [
+            ("L0", 1_500), ("L1", 1_501)
+        ]
+        view = m.get("L7")
+        assert view is not None and view.holders[0].expires_at_ms == 500 + 1_007
+    index += 1
+    kept = machine.apply(index, Command("lock.keepalive", {"name": "L7", "owner": "o",
+                                                           "token": 8}, now_ms=600))
+    assert kept["status"] == "ok" and kept["expires_at_ms"] == 600 + 1_007
+    (write,) = machine.take_writes()
+    assert write.fields["holder:o"] == "8|exclusive|1007|1607@1"
 
 
 def test_awkward_owner_names_round_trip(d):
