@@ -137,6 +137,8 @@ class RaftRunner:
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        # The snapshot being written to storage, off the loop's turn (maybe_snapshot).
+        self._snapshot_save: asyncio.Task[None] | None = None
         self._role_listeners: list[RoleListener] = []
         self._apply_listeners: list[ApplyListener] = []
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -250,6 +252,8 @@ class RaftRunner:
                 # and Redis left running), and the process could then hang on exit.
                 pass
         with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._finish_snapshot_save(), 5)
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(self._drain_state_writes(), 5)
         self._fail_everything(RunnerStopped("node stopped"))
 
@@ -342,6 +346,10 @@ class RaftRunner:
         stable = _stable_prefix(rd)
         if stable:
             self._apply(rd.committed[:stable])
+        if rd.snapshot is not None:
+            # A snapshot of our own still being written must land first: written after
+            # this newer one from the leader, it would replace it in storage.
+            await self._finish_snapshot_save()
         if rd.hard_state is not None or rd.entries or rd.snapshot is not None:
             started = time.monotonic()
             await self._persist(rd)
@@ -542,29 +550,53 @@ class RaftRunner:
         self._applied_waiters = waiting
 
     async def maybe_snapshot(self) -> None:
+        """Snapshot the state once SNAPSHOT_THRESHOLD entries were applied since the last.
+
+        The dump and its encoding hold the event loop (a few ms; unchanged locks stay
+        packed); writing it to storage and compacting the log there happen in a task of
+        their own, and the log in memory is compacted once they are done. They used to
+        be awaited inside the loop's turn, so for those 25-35 ms every few seconds under
+        load (100-150 ms with 60,000 held locks) this node appended, committed and
+        answered nothing."""
         core = self.core
+        if self._snapshot_save is not None:
+            if not self._snapshot_save.done():
+                return  # one at a time
+            await self._finish_snapshot_save()  # raises what the write raised
         if core.applied - core.log.snapshot_index < self.snapshot_threshold:
             return
         started = time.monotonic()
         meta = core.snapshot_meta(core.applied)
         snapshot = Snapshot(meta, self.machines.snapshot_data())
-        # The dump and its encoding hold the event loop; the rest is Redis.
-        encoded = time.monotonic()
+        self._snapshot_save = asyncio.create_task(
+            self._save_snapshot(snapshot, started, time.monotonic() - started),
+            name=f"raft-snapshot-{meta.index}",
+        )
+
+    async def _save_snapshot(self, snapshot: Snapshot, started: float, encode_s: float) -> None:
+        core = self.core
         await self.storage.save_snapshot(snapshot)
-        await self.storage.compact(meta.index)
-        core.compact(snapshot)
+        await self.storage.compact(snapshot.meta.index)
+        core.compact(snapshot)  # a no-op if a newer snapshot was installed meanwhile
         done = time.monotonic()
         self.metrics.raft_snapshots.labels(core.id, "taken").inc()
         self.metrics.raft_snapshot_seconds.labels(core.id).observe(done - started)
         log.info(
             "took snapshot",
             extra={
-                "index": meta.index,
+                "index": snapshot.meta.index,
                 "bytes": len(snapshot.data),
-                "encode_ms": round((encoded - started) * 1000, 1),
+                "encode_ms": round(encode_s * 1000, 1),
                 "ms": round((done - started) * 1000, 1),
             },
         )
+
+    async def _finish_snapshot_save(self) -> None:
+        """Wait for the snapshot being written, if any; raise what its write raised (the
+        loop then fails, as it did when the write was awaited in its turn)."""
+        task, self._snapshot_save = self._snapshot_save, None
+        if task is not None:
+            await task
 
     def _publish_status(self) -> None:
         core = self.core
