@@ -86,8 +86,13 @@ async def test_the_freezer_freezes_refreezes_on_schedule_and_unfreezes_on_stop(
     try:
         freezer.start()
         assert rounds and rounds[0] > 0, "start() freezes what survives a collection"
-        await asyncio.sleep(0.3)
-        assert len(rounds) >= 3, "the refreeze runs every interval"
+        # Refreezes that find little garbage back off (0.05, 0.1, 0.2 s, ...): wait for
+        # two more, however slow this machine is right now.
+        for _ in range(300):
+            if len(rounds) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert len(rounds) >= 3, "the refreeze runs again and again"
     finally:
         await freezer.stop()
     assert gc.get_freeze_count() == 0

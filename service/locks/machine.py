@@ -105,7 +105,7 @@ class LockStateMachine:
         for name, changes in self._table.take_changes():
             self._packed.pop(name, None)
             state = self._table.state(name)
-            if state is None or changes is None:  # forgotten, or every field changed
+            if state is None or changes is None:  # forgotten
                 fields = encode(state) if state is not None else {}
                 writes.append(HashWrite(PREFIX + name, fields, drop=True))
                 continue

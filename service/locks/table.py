@@ -472,8 +472,8 @@ class LockTable:
 
     def take_changes(self) -> list[tuple[str, FieldChanges | None]]:
         """(name, what changed) for every lock changed or forgotten since the last call,
-        by name. None: write the whole lock (forgotten, reloaded, or every deadline
-        moved); otherwise its header fields and the holds and waits named."""
+        by name. None: write the whole lock (it was forgotten); otherwise its header
+        fields and the holds and waits named."""
         changes = [(name, self._changes.get(name)) for name in sorted(self._dirty)]
         self._dirty.clear()
         self._changes.clear()

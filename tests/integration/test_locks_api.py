@@ -43,6 +43,27 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+def hold_many(c: LocalCluster, names: list[str], ttl_ms: int) -> list[str]:
+    """Acquire every name (owner o<i>), 64 at a time through every node; the failures."""
+
+    async def hold_all() -> list[str]:
+        problems: list[str] = []
+        async with client_session(
+            connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=30)
+        ) as session:
+
+            async def hold(i: int) -> None:
+                url = f"{c.nodes[i % c.size].url}/v1/locks/{names[i]}"
+                async with session.post(url, json={"owner": f"o{i}", "ttl_ms": ttl_ms}) as r:
+                    if r.status != 200:
+                        problems.append(f"{i}: {r.status} {await r.text()}")
+
+            await asyncio.gather(*(hold(i) for i in range(len(names))))
+        return problems
+
+    return asyncio.run(hold_all())
+
+
 def test_acquire_release_through_every_node(c: LocalCluster) -> None:
     name = unique("basic")
     status, grant = acquire(c, 1, name, "alice")
@@ -405,23 +426,7 @@ def test_a_mass_expiry_expires_every_lease_several_scans_deep(c: LocalCluster) -
     and takes the earliest due ones on each scan (without sorting every due lease), so
     they must all go, scan after scan, and the locks be free to take again."""
     prefix, count = unique("mass"), 1_500
-
-    async def hold_all() -> list[str]:
-        problems: list[str] = []
-        async with client_session(
-            connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=30)
-        ) as session:
-
-            async def hold(i: int) -> None:
-                url = f"{c.nodes[i % c.size].url}/v1/locks/{prefix}-{i}"
-                async with session.post(url, json={"owner": f"o{i}", "ttl_ms": 1_500}) as r:
-                    if r.status != 200:
-                        problems.append(f"{i}: {r.status} {await r.text()}")
-
-            await asyncio.gather(*(hold(i) for i in range(count)))
-        return problems
-
-    assert asyncio.run(hold_all()) == []
+    assert hold_many(c, [f"{prefix}-{i}" for i in range(count)], ttl_ms=1_500) == []
     deadline = time.monotonic() + 30
     held = count
     while time.monotonic() < deadline:
@@ -443,23 +448,7 @@ def test_listings_come_a_page_at_a_time_and_whole_without_a_limit(c: LocalCluste
     locks used to cost the cluster six elections). 2,300 locks take three such pages."""
     prefix, count = unique("page"), 2_300
     names = [f"{prefix}-{i:05d}" for i in range(count)]
-
-    async def hold_all() -> list[str]:
-        problems: list[str] = []
-        async with client_session(
-            connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=30)
-        ) as session:
-
-            async def hold(i: int) -> None:
-                url = f"{c.nodes[i % c.size].url}/v1/locks/{names[i]}"
-                async with session.post(url, json={"owner": f"o{i}", "ttl_ms": 120_000}) as r:
-                    if r.status != 200:
-                        problems.append(f"{i}: {r.status} {await r.text()}")
-
-            await asyncio.gather(*(hold(i) for i in range(count)))
-        return problems
-
-    assert asyncio.run(hold_all()) == []
+    assert hold_many(c, names, ttl_ms=120_000) == []
     paged: list[str] = []
     after = prefix  # sorts before all of ours
     for pages in range(1, 100):

@@ -406,3 +406,30 @@ def test_load_forgets_free_locks_beyond_a_smaller_bound():
     small.load(d.m.dump())
     assert sorted(small.dump()) == ["dsync:lock:C"]
     assert sorted(w.key for w in small.take_writes()) == ["dsync:lock:A", "dsync:lock:B"]
+
+
+def test_a_store_written_before_lease_epochs_loads_as_epoch_0() -> None:
+    """Version 1 stores: no `@epoch` in holds or waits, no `dsync:lock:` hash."""
+    old = {
+        "dsync:lock:L": {
+            "mode": "exclusive",
+            "last_token": "7",
+            "holder:a": "7|exclusive|30000|40000",
+            "waiter:9": "b|exclusive|30000|5000|15000",
+        }
+    }
+    machine = LockStateMachine()
+    machine.load(old)
+    assert machine.dump() == old
+    view = machine.get("L")
+    assert view is not None
+    assert (view.holders[0].expires_at_ms, view.waiters[0].deadline_ms) == (40_000, 15_000)
+    assert [d.name for d in machine.expired(40_000)] == ["L"]
+    machine.apply(10, Command("lock.leader_change", {}, now_ms=100))
+    view = machine.get("L")
+    assert view is not None
+    assert (view.holders[0].expires_at_ms, view.waiters[0].deadline_ms) == (30_100, 5_100)
+    assert machine.expired(40_000)[0].deadline_ms == 30_100
+    dumped = machine.dump()
+    assert dumped["dsync:lock:"] == {"epoch": "1", "now_ms": "100"}
+    assert dumped["dsync:lock:L"] == old["dsync:lock:L"], "the lock itself is not rewritten"

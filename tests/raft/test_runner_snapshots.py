@@ -5,16 +5,13 @@ the write fails."""
 from __future__ import annotations
 
 import asyncio
-import random
 
-from service.kv.machine import KvStateMachine
-from service.machines import MachineRegistry
-from service.metrics import NodeMetrics
-from service.raft.core import RaftCore
 from service.raft.messages import Snapshot
-from service.raft.runner import OutcomeUnknown, RaftRunner, RunnerStopped, decode_snapshot_data
+from service.raft.runner import OutcomeUnknown, RunnerStopped, decode_snapshot_data
 from service.statemachine import Command
-from service.storage.memory import InMemoryRaftStorage, InMemoryStateStore
+from service.storage.memory import InMemoryRaftStorage
+
+from .single_node import started_leader
 
 THRESHOLD = 20
 
@@ -41,22 +38,9 @@ def put(i: int) -> Command:
     return Command("kv.put", {"key": f"k{i}", "value": str(i)}, None, 0)
 
 
-async def started_leader(storage: SlowSnapshotStorage) -> RaftRunner:
-    core = RaftCore("n1", ("n1",), random.Random(1))
-    runner = RaftRunner(core, storage, InMemoryStateStore(), MachineRegistry([KvStateMachine()]),
-                        NodeMetrics("n1"), tick_seconds=0.01, snapshot_threshold=THRESHOLD)
-    runner.storage_retry_seconds = 0.3
-    runner.start()
-    for _ in range(300):
-        if core.role.name == "LEADER" and core.applied >= core.log.last_index:
-            return runner
-        await asyncio.sleep(0.01)
-    raise AssertionError("no leader")
-
-
 async def test_commands_commit_while_a_snapshot_is_written_and_the_log_compacts_after() -> None:
     storage = SlowSnapshotStorage()
-    runner = await started_leader(storage)
+    runner = await started_leader(storage, THRESHOLD)
     try:
         i = 0
         while not storage.writing.is_set() and i < 10 * THRESHOLD:
@@ -96,7 +80,7 @@ async def test_commands_commit_while_a_snapshot_is_written_and_the_log_compacts_
 async def test_a_snapshot_write_that_fails_stops_the_node_as_before() -> None:
     storage = SlowSnapshotStorage()
     storage.broken = True
-    runner = await started_leader(storage)
+    runner = await started_leader(storage, THRESHOLD)
     try:
         for i in range(10 * THRESHOLD):
             try:

@@ -5,26 +5,23 @@ leader, so its outcome is unknown (retry only with the same request_id)."""
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Sequence
 
 import pytest
 
 from service.api.http import raft_error
 from service.kv.machine import KvStateMachine
-from service.machines import MachineRegistry
-from service.metrics import NodeMetrics
-from service.raft.core import RaftCore
 from service.raft.messages import Entry, HardState, Snapshot
 from service.raft.runner import (
     STORAGE_STALL_SECONDS,
     OutcomeUnknown,
-    RaftRunner,
     RunnerStopped,
     StorageStalled,
 )
 from service.statemachine import Command
-from service.storage.memory import InMemoryRaftStorage, InMemoryStateStore
+from service.storage.memory import InMemoryRaftStorage
+
+from .single_node import started_leader
 
 
 class FailingStorage(InMemoryRaftStorage):
@@ -43,19 +40,6 @@ class FailingStorage(InMemoryRaftStorage):
 
 def put(key: str) -> Command:
     return Command("kv.put", {"key": key, "value": "v"}, None, 0)
-
-
-async def started_leader(storage: FailingStorage) -> RaftRunner:
-    core = RaftCore("n1", ("n1",), random.Random(1))
-    runner = RaftRunner(core, storage, InMemoryStateStore(), MachineRegistry([KvStateMachine()]),
-                        NodeMetrics("n1"), tick_seconds=0.01)
-    runner.storage_retry_seconds = 0.3
-    runner.start()
-    for _ in range(300):
-        if core.role.name == "LEADER" and core.applied >= core.log.last_index:
-            return runner
-        await asyncio.sleep(0.01)
-    raise AssertionError("no leader")
 
 
 async def test_a_command_in_the_log_when_storage_fails_has_an_unknown_outcome() -> None:
