@@ -49,6 +49,14 @@ from service.transport.sessions import client_session
 
 log = logging.getLogger("dsync.node")
 
+# Batches a node keeps in flight to one peer, per call lane (CallBatcher). A blocking
+# lock wait holds its batch for as long as it waits, so a cap on the "wait" lane is a
+# cap on the clients waiting through this node: past it (it was 512 batches) later
+# waiters stayed queued here, out of the lock's FIFO queue, until earlier ones were
+# granted, and a holder waiting on one of them could never release. Each wait is an
+# HTTP request here and a task on the leader either way: the lane is not capped.
+CALL_LANE_LIMITS = {"wait": 1_000_000_000}
+
 REDIS_LOADING_TIMEOUT_SECONDS = 120.0
 HTTP_KEEPALIVE_SECONDS = 75.0
 # Connections the kernel completes and queues until the node accepts them. aiohttp's
@@ -317,8 +325,7 @@ class Node:
         self.calls = CallBatcher(
             self.node_id,
             secret=settings.cluster_secret,
-            # Blocking lock waits hold their batch for up to wait_ms.
-            lane_limits={"wait": 512},
+            lane_limits=CALL_LANE_LIMITS,
             on_batch=lambda lane, calls: batch_sizes.labels(self.node_id, lane).observe(calls),
         )
         await self.transport.start()

@@ -14,6 +14,7 @@ import msgpack
 import pytest
 from aiohttp import web
 
+from service.node import CALL_LANE_LIMITS
 from service.transport.calls import CALLS_PATH, CallBatcher, serve_call_socket
 from service.transport.forward import ForwardError
 from service.transport.http import FROM_HEADER, SECRET_HEADER
@@ -630,5 +631,62 @@ async def test_a_probe_leaves_a_live_peer_and_its_calls_alone() -> None:
             assert ran == [["op", {"n": 1}]]  # the peer answered the ping itself
             release.set()
             assert await asyncio.wait_for(waiting, 2.0) == (200, {"n": 1})
+    finally:
+        await batcher.close()
+
+
+async def test_a_node_forwards_every_blocking_wait_however_many_are_waiting(
+    peers: list[Peer],
+) -> None:
+    """Regression: a node kept at most 512 batches in flight on the wait lane, and a
+    blocking wait holds its batch until granted. With more waiters than that arriving
+    one by one through a follower, the rest stayed queued in the follower, never reaching
+    the lock's queue, while the holder's release waited on them (found as a hang of
+    `scale_bench.py hot-lock --waiters 2000`: 158 waiters never queued)."""
+    release = asyncio.Event()
+    batcher = CallBatcher("n2", lane_limits=CALL_LANE_LIMITS)
+    try:
+        peer = await _peer(peers, _echo_after(release.wait))
+        calls = []
+        for i in range(600):  # one per loop turn: each a batch of its own
+            calls.append(asyncio.ensure_future(batcher.call(peer.url, "op", {"n": i}, lane="wait")))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        for _ in range(200):
+            if sum(len(b) for b in peer.batches) == 600:
+                break
+            await asyncio.sleep(0.01)
+        assert sum(len(b) for b in peer.batches) == 600, "every wait reached the leader"
+        assert len(peer.batches) > 512
+        release.set()
+        assert [(await c)[1]["n"] for c in calls] == list(range(600))
+    finally:
+        await batcher.close()
+
+
+async def test_a_burst_larger_than_a_batch_goes_out_whole_while_its_first_batch_waits(
+    peers: list[Peer],
+) -> None:
+    """Regression: after taking a batch (256 calls) from a burst, the rest waited for
+    that batch to finish, or for another call to arrive. A batch of blocking lock waits
+    finishes only when every wait in it is granted, so the rest of a burst of waiters
+    never reached the leader's lock queue: `scale_bench.py hot-lock --waiters 5000`
+    hung with 750-1,070 waiters per follower stuck in it."""
+    release = asyncio.Event()
+    batcher = CallBatcher("n2", lane_limits=CALL_LANE_LIMITS)
+    try:
+        peer = await _peer(peers, _echo_after(release.wait))
+        calls = [  # all in one loop turn
+            asyncio.ensure_future(batcher.call(peer.url, "op", {"n": i}, lane="wait"))
+            for i in range(700)
+        ]
+        for _ in range(200):
+            if sum(len(b) for b in peer.batches) == 700:
+                break
+            await asyncio.sleep(0.01)
+        assert sum(len(b) for b in peer.batches) == 700, "the whole burst reached the peer"
+        assert max(len(b) for b in peer.batches) <= 256
+        release.set()
+        assert [(await c)[1]["n"] for c in calls] == list(range(700))
     finally:
         await batcher.close()
