@@ -34,6 +34,7 @@ from service.locks.commands import (
 from service.locks.table import (
     DEFAULT_MAX_TOMBSTONES,
     Due,
+    Granted,
     LockEvent,
     LockTable,
     LockView,
@@ -175,6 +176,12 @@ class LockStateMachine:
 
     def get(self, name: str) -> LockView | None:
         return self._table.get(name)
+
+    def hold_of(self, name: str, owner: str) -> Granted | None:
+        return self._table.hold_of(name, owner)
+
+    def is_waiting(self, name: str, owner: str, seq: int) -> bool:
+        return self._table.is_waiting(name, owner, seq)
 
     def all_held(self) -> list[LockView]:
         return self._table.all_held()

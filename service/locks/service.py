@@ -238,15 +238,11 @@ class LockService:
         return {"status": "wait_timeout", "name": name}
 
     def _settled_from_table(self, name: str, owner: str, seq: int) -> Result | None:
-        view = self.machine.get(name)
-        if view is not None:
-            for hold in view.holders:
-                if hold.owner == owner:
-                    return results.granted(
-                        Granted(name, owner, hold.mode, hold.token, hold.ttl_ms, hold.expires_at_ms)
-                    )
-            if any(w.owner == owner and w.seq == seq for w in view.waiters):
-                return None
+        granted = self.machine.hold_of(name, owner)
+        if granted is not None:
+            return results.granted(granted)
+        if self.machine.is_waiting(name, owner, seq):
+            return None
         return {"status": "wait_timeout", "name": name}
 
     async def _give_up(self, name: str, owner: str, seq: int) -> Result:

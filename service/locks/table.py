@@ -403,6 +403,19 @@ class LockTable:
             tuple(self._current_wait(w) for w in lock.waiters),
         )
 
+    def hold_of(self, name: str, owner: str) -> Granted | None:
+        """`owner`'s grant of `name` as it stands, if it holds it. Constant time: a
+        blocking acquire asks this as it starts to wait, and building the lock's view
+        instead walked the whole queue, quadratic in a burst of waiters."""
+        lock = self._locks.get(name)
+        hold = lock.holders.get(owner) if lock is not None else None
+        return None if hold is None else self._granted(name, hold)
+
+    def is_waiting(self, name: str, owner: str, seq: int) -> bool:
+        """Whether `owner`'s wait number `seq` is still queued for `name`."""
+        wait = self._waiting_on.get(owner, {}).get(name)
+        return wait is not None and wait[0] == seq
+
     def all_held(self) -> list[LockView]:
         views = (self.get(name) for name in self._names_in_order() if self._locks[name].holders)
         return [v for v in views if v is not None]

@@ -438,6 +438,26 @@ def test_get_lists_holders_by_token_and_waiters_in_fifo_order(t):
     assert t.t.get("nothing") is None
 
 
+def test_hold_of_and_is_waiting_answer_for_one_owner(t):
+    g = t.grant("L", "a", ttl=100)
+    b = t.wait("L", "b")
+    assert t.t.hold_of("L", "a") == g and t.t.hold_of("L", "b") is None
+    assert t.t.hold_of("nothing", "a") is None
+    assert t.t.is_waiting("L", "b", b.seq)
+    assert not t.t.is_waiting("L", "b", b.seq + 1)  # another wait of the same owner
+    assert not t.t.is_waiting("L", "a", b.seq) and not t.t.is_waiting("M", "b", b.seq)
+    t.rel("L", "a", g.token)
+    assert not t.t.is_waiting("L", "b", b.seq)
+    assert t.t.hold_of("L", "b").token == t.granted_events()[0][1]
+
+
+def test_hold_of_gives_the_expiry_of_the_current_lease_epoch(t):
+    t.now = 5_000_000
+    t.grant("L", "a", ttl=100)
+    t.t.leader_change(7)
+    assert t.t.hold_of("L", "a").expires_at_ms == 107 == t.t.get("L").holders[0].expires_at_ms
+
+
 def test_all_held_lists_only_locks_with_holders(t):
     g = t.grant("B", "a")
     t.grant("A", "a")
