@@ -10,9 +10,12 @@ args cannot travel keep the plain HTTP forward of service/api/forwarding.py.
 
 The leader side answers every call with `[status, body]`; a node that is no longer the
 leader answers NOT_LEADER without running it, and the caller sends it to the new leader.
-A call that may have reached a leader that then failed is retried only when it carries a
-request_id (the state machine applies it once); without one the client is told the
-outcome is unknown, exactly as with the HTTP forward.
+A call that may have reached a leader that then failed is sent again, to the next leader,
+when it carries a request_id (the state machine applies it once) or its command is
+idempotent by itself (`resend_safe`: a lock acquire, which the lock table answers with the
+owner's current grant or place in the queue); otherwise the client is told the outcome is
+unknown, exactly as with the HTTP forward. A call sent again keeps what remains of its
+`wait_ms` when it carries no request_id (with one, its arguments must not change).
 
 Peer calls. `@peer_call("queue.publish")` registers a service's node-to-node RPC (the
 queue's partition traffic); it runs on whichever node it is sent to, is given the
@@ -59,16 +62,25 @@ PeerCall = Callable[["Node", str, dict[str, Any]], Awaitable[tuple[int, Any]]]
 # 421 Misdirected Request: "not the node that can answer this"; never reaches a client.
 NOT_LEADER = 421
 
+# A call whose outcome was lost with its leader is sent to the next one at most this often.
+MAX_RESENDS = 3
+
 _CALLS: dict[str, LeaderCall] = {}
+_RESEND_SAFE: set[str] = set()
 _PEER_CALLS: dict[str, PeerCall] = {}
 
 routes = web.RouteTableDef()
 
 
-def leader_call(name: str) -> Callable[[LeaderCall], LeaderCall]:
+def leader_call(name: str, resend_safe: bool = False) -> Callable[[LeaderCall], LeaderCall]:
+    """Register a leader call; `resend_safe` when applying its command twice has the
+    effect of applying it once, so a copy whose outcome was lost may be sent again."""
+
     def register(handler: LeaderCall) -> LeaderCall:
         _claim(name)
         _CALLS[name] = handler
+        if resend_safe:
+            _RESEND_SAFE.add(name)
         return handler
 
     return register
@@ -99,14 +111,17 @@ async def run_on_leader(
     handler = _CALLS[name]
     if node.runner is None:
         return error_response(503, "unavailable", "node is starting; retry shortly")
-    idempotent = is_idempotent_body(request, args.get("body"))
+    carries_id = is_idempotent_body(request, args.get("body"))
+    idempotent = carries_id or name in _RESEND_SAFE
     waits = wait_seconds(args.get("body"))
-    lane = "wait" if waits > 0 else "default"
-    timeout = FORWARD_TIMEOUT_SECONDS + waits
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + LEADER_WAIT_SECONDS
+    started = loop.time()
+    deadline = started + LEADER_WAIT_SECONDS
     refused_by: str | None = None
+    resends = 0
     while True:
+        lane = "wait" if waits > 0 else "default"
+        timeout = FORWARD_TIMEOUT_SECONDS + waits
         leader = await node.wait_for_leader(
             max(0.0, deadline - loop.time()), other_than=refused_by
         )
@@ -129,8 +144,17 @@ async def run_on_leader(
         except ValueError:
             return await forward(request)  # args msgpack cannot carry; JSON can
         except ForwardError as exc:
-            if (exc.maybe_applied and not idempotent) or loop.time() >= deadline:
+            if exc.maybe_applied and (not idempotent or resends == MAX_RESENDS):
                 return forward_failed(leader, exc.maybe_applied)
+            if not exc.maybe_applied and loop.time() >= deadline:
+                return forward_failed(leader, exc.maybe_applied)
+            if exc.maybe_applied:
+                # The leader failed while it had the call (a blocking acquire may have
+                # waited there for seconds): the next leader gets a full election's time.
+                resends += 1
+                deadline = max(deadline, loop.time() + LEADER_WAIT_SECONDS)
+            if waits > 0 and not carries_id:
+                args, waits = _with_wait_left(args, waits - (loop.time() - started))
             refused_by = leader
             continue
         if status == NOT_LEADER:
@@ -139,6 +163,13 @@ async def run_on_leader(
             refused_by = leader
             continue
         return web.json_response(body, status=status)
+
+
+def _with_wait_left(args: dict[str, Any], left: float) -> tuple[dict[str, Any], float]:
+    """`args` with its body's wait_ms cut to what is left of it (0 once spent: the
+    leader then settles at once, cancelling a wait the first copy queued)."""
+    wait_ms = max(0, int(left * 1000))
+    return {**args, "body": {**args["body"], "wait_ms": wait_ms}}, wait_ms / 1000
 
 
 @routes.get(CALLS_PATH)

@@ -162,7 +162,9 @@ async def _barrier(node: Node) -> None:
 # the leader being the trust boundary) runs on the leader, batched from followers.
 
 
-def _leader_route(method: str, path: str, call: str) -> Callable[[LeaderCall], LeaderCall]:
+def _leader_route(
+    method: str, path: str, call: str, resend_safe: bool = False
+) -> Callable[[LeaderCall], LeaderCall]:
     """Register `method path` as a request whose leader-side half is the decorated
     coroutine, run as leader call `call`: the route only reads the body (none for GET)."""
 
@@ -178,7 +180,7 @@ def _leader_route(method: str, path: str, call: str) -> Callable[[LeaderCall], L
 
         route.__doc__ = handler.__doc__
         routes.route(method, path)(route)
-        return leader_call(call)(handler)
+        return leader_call(call, resend_safe)(handler)
 
     return register
 
@@ -189,7 +191,11 @@ def _target(node: Node, args: dict[str, Any]) -> tuple[LockService, dict[str, An
     return _locks_of(node), body, _name(args["name"]), _owner(body)
 
 
-@_leader_route("POST", "/v1/locks/{name}", "lock.acquire")
+# An acquire may be sent again when its leader fails with it (service/api/calls.py): the
+# table answers a repeated acquire with the owner's current grant or its place in the
+# queue. Without that, a waiter forwarded by a follower was told "outcome unknown" while
+# its wait stayed queued, to be granted to nobody and hold the lock for a whole lease.
+@_leader_route("POST", "/v1/locks/{name}", "lock.acquire", resend_safe=True)
 async def _acquire(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     body = args["body"]
     name = _name(args["name"])
@@ -409,7 +415,7 @@ async def _validate(node: Node, args: dict[str, Any]) -> dict[str, Any]:
 # --- the course prototype's aliases --------------------------------------------------
 
 
-@_leader_route("POST", "/lock", "lock.seed_lock")
+@_leader_route("POST", "/lock", "lock.seed_lock", resend_safe=True)
 async def _seed_lock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     """`{"resource", "owner"}`: an exclusive try-lock with the default TTL."""
     body = args["body"]
@@ -426,8 +432,7 @@ async def _seed_unlock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     body = args["body"]
     name = _name(field_str(body, "resource", max_bytes=MAX_NAME_BYTES))
     owner = _owner(body)
-    view = locks.get(name)
-    hold = next((h for h in view.holders if h.owner == owner), None) if view else None
+    hold = locks.hold_of(name, owner)
     if hold is None:
         _raise_for({"status": "not_held", "name": name})
         raise AssertionError("unreachable")

@@ -148,6 +148,9 @@ class LockService:
         more follow."""
         return self.machine.held_page(after, limit)
 
+    def hold_of(self, name: str, owner: str) -> Granted | None:
+        return self.machine.hold_of(name, owner)
+
     def validate(self, name: str, token: int) -> bool:
         return self.machine.validate(name, token)
 

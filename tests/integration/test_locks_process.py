@@ -212,3 +212,60 @@ def test_a_leaders_redis_killed_under_load_is_restarted_by_its_node(
     check_history(holds)
     assert node.log_path is not None
     assert "redis-server exited under the node" in node.log_path.read_text()
+
+
+def test_a_wait_forwarded_by_a_follower_outlives_a_leader_kill(cluster: LocalCluster) -> None:
+    """A blocking acquire sent through a follower waits on the leader. When the leader
+    was killed, the follower used to answer 503 "outcome unknown" while the wait stayed
+    queued in the log: it was granted later to a client that had gone, and that grant
+    held the lock for a whole lease. Now the follower sends the acquire again to the new
+    leader, which finds the wait queued: one client keeps its place and gets the lock
+    once the old holder's lease ends; another, whose wait runs out, gets 409
+    wait_timeout within its own wait_ms, and its wait is gone from the queue."""
+    leader = cluster.wait_for_leader(30)
+    follower = (leader + 1) % cluster.size
+    rng = random.Random(7)
+    deadline = time.monotonic() + 20
+    held = retry(cluster, rng, "POST", "/v1/locks/handed", {"owner": "old", "ttl_ms": 10_000},
+                 deadline)
+    assert held[0] == 200, held
+    blocked = retry(cluster, rng, "POST", "/v1/locks/blocked", {"owner": "old",
+                                                                 "ttl_ms": 600_000}, deadline)
+    assert blocked[0] == 200, blocked
+    answers: dict[str, tuple[int, dict[str, Any], float]] = {}
+
+    def wait(name: str, owner: str, wait_ms: int) -> None:
+        started = time.monotonic()
+        body = {"owner": owner, "ttl_ms": 30_000, "wait_ms": wait_ms}
+        status, reply = call(cluster, follower, "POST", f"/v1/locks/{name}", body, timeout=60)
+        answers[name] = (status, reply, time.monotonic() - started)
+
+    waiters = [
+        threading.Thread(target=wait, args=("handed", "patient", 30_000)),
+        threading.Thread(target=wait, args=("blocked", "brief", 8_000)),
+    ]
+    for t in waiters:
+        t.start()
+    for name, owner in (("handed", "patient"), ("blocked", "brief")):
+        queued: list[str] = []
+        while time.monotonic() < deadline and queued != [owner]:
+            _, view = call(cluster, leader, "GET", f"/v1/locks/{name}", {})
+            queued = [w["owner"] for w in view.get("waiters", [])]
+        assert queued == [owner], view
+    time.sleep(4.0)
+    cluster.kill(leader)
+    for t in waiters:
+        t.join(40)
+    assert not any(t.is_alive() for t in waiters), "a wait hung"
+
+    status, grant, _ = answers["handed"]
+    assert status == 200 and grant["owner"] == "patient", answers
+    _, view = retry(cluster, rng, "GET", "/v1/locks/handed", {}, time.monotonic() + 10)
+    assert [(h["owner"], h["token"]) for h in view["holders"]] == [("patient", grant["token"])]
+
+    status, reply, took = answers["blocked"]
+    print(f"the 8 s wait was answered after {took:.1f} s")
+    assert status == 409 and reply["error"]["code"] == "wait_timeout", answers
+    assert took < 10.5, f"waited {took:.1f} s for a wait_ms of 8 s"  # not 4 + 8 s or more
+    _, view = retry(cluster, rng, "GET", "/v1/locks/blocked", {}, time.monotonic() + 10)
+    assert view["waiters"] == [] and view["holders"][0]["owner"] == "old", view
