@@ -5,6 +5,7 @@
     python benchmarks/scale_bench.py cache-churn --keys 24000
     python benchmarks/scale_bench.py held-locks --locks 60000
     python benchmarks/scale_bench.py mass-expiry --locks 30000
+    python benchmarks/scale_bench.py long-poll --consumers 2000
     python benchmarks/scale_bench.py hot-lock --url http://127.0.0.1:8001,...
 
 - hot-lock: one lock is held while --waiters clients block on it (through every node);
@@ -28,6 +29,12 @@
   end together. Prints when the first and the last were expired and the acquire latency
   of other clients meanwhile. The leader's expiry scan once sorted every due lease,
   every 50 ms, to propose 256. Needs a cluster of its own (no --url).
+- long-poll: --consumers consumers long-poll an empty queue (20 s polls, through every
+  node); prints the nodes' CPU while they wait (own cluster only), then publishes as many
+  messages, one request each, and prints how long publishing and consuming all of them
+  took, duplicates and publish failures. Each waiting consumer once looked every 0.1 s
+  and asked every other node every 0.5 s: 2,000 of them took a core, 5,000 starved the
+  publishes.
 
 Without --url it starts its own local 3-node cluster (cache-churn with 200 cache lines
 per node, so that the bound shows on a small run) and stops it afterwards.
@@ -37,6 +44,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
+import os
 import sys
 import time
 import urllib.request
@@ -356,6 +366,92 @@ def node_metrics(url: str) -> dict[str, Any]:
     return out
 
 
+async def long_poll(
+    nodes: list[JsonClient], urls: list[str], consumers: int, cluster: LocalCluster | None
+) -> int:
+    queue = f"long-poll-{int(time.time() * 1000)}"
+    status, created = await call(nodes, 0, "PUT", f"/v1/queues/{queue}", {})
+    if status != 201:
+        print(f"could not create the queue: {status} {created}")
+        return 1
+    term = int((await asyncio.to_thread(node_metrics, urls[0]))["term"])
+    bodies: list[Any] = []
+    problems: list[str] = []
+    done = asyncio.Event()
+
+    async def consumer(i: int) -> None:
+        poll = {"group": "g", "consumer": f"c{i}", "max": 1, "wait_ms": 20_000,
+                "visibility_ms": 600_000}  # fmt: skip
+        while not done.is_set():
+            status, got = await call(nodes, i, "POST", f"/v1/queues/{queue}/consume", poll)
+            if status != 200:
+                problems.append(f"consume c{i}: {status} {got}")
+                await asyncio.sleep(0.5)
+                continue
+            for message in got["messages"]:
+                bodies.append(message["body"])
+                ack = {"group": "g", "receipts": [message["receipt"]]}
+                status, _ = await call(nodes, i, "POST", f"/v1/queues/{queue}/ack", ack)
+                if status != 200:
+                    problems.append(f"ack c{i}: {status}")
+            if len(set(map(str, bodies))) >= consumers:
+                done.set()
+
+    tasks = [asyncio.create_task(consumer(i)) for i in range(consumers)]
+    await asyncio.sleep(3.0)  # every one is waiting
+    if cluster is not None:
+        before, started = node_cpu_seconds(cluster), time.monotonic()
+        await asyncio.sleep(10.0)
+        used = (node_cpu_seconds(cluster) - before) / (time.monotonic() - started)
+        print(f"{consumers} consumers waiting on an empty queue: the nodes use "
+              f"{used * 100:.0f}% CPU")  # fmt: skip
+    started = time.monotonic()
+
+    async def publish(i: int) -> None:
+        status, got = await call(nodes, i, "POST", f"/v1/queues/{queue}/messages", {"body": i})
+        if status != 201:
+            problems.append(f"publish {i}: {status} {got}")
+
+    await asyncio.gather(*(publish(i) for i in range(consumers)))
+    published = time.monotonic() - started
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done.wait(), 120.0)
+    consumed = time.monotonic() - started
+    done.set()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    # (The cancelled polls' connections are not reused: the term comes another way.)
+    term_after = int((await asyncio.to_thread(node_metrics, urls[0]))["term"])
+    distinct = len(set(map(str, bodies)))
+    print(f"published: {consumers} in {published:.1f} s; consumed: {len(bodies)} "
+          f"({distinct} distinct, {len(bodies) - distinct} duplicates) in {consumed:.1f} s")
+    print(f"elections: {term_after - term} (term {term} -> {term_after}); partition moves: "
+          f"{await asyncio.to_thread(partition_moves, urls[0], queue)}")  # fmt: skip
+    print(f"errors: {len(problems)}", *problems[:5], sep="\n  ")
+    return 0 if not problems and distinct == consumers else 1
+
+
+def partition_moves(url: str, queue: str) -> int:
+    """How often the queue's partitions changed leader (each move is a new epoch): a
+    move redelivers what the old leader had handed out but not yet replicated."""
+    with urllib.request.urlopen(f"{url}/v1/queues/{queue}", timeout=30) as answer:
+        view = json.load(answer)
+    return sum(int(p["epoch"]) - 1 for p in view["partitions"])
+
+
+def node_cpu_seconds(cluster: LocalCluster) -> float:
+    """User and system CPU of the node processes so far (Linux /proc)."""
+    total = 0
+    for node in cluster.nodes:
+        if node.process is None:
+            continue
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{node.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime after the name
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def redis_keys(cluster: LocalCluster, node_id: str) -> int:
     import redis
 
@@ -369,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "scenario",
-        choices=("hot-lock", "unacked", "cache-churn", "held-locks", "mass-expiry"),
+        choices=("hot-lock", "unacked", "cache-churn", "held-locks", "mass-expiry",
+                 "long-poll"),
     )
     parser.add_argument("--url", help="comma-separated node URLs (default: a local cluster)")
     parser.add_argument("--waiters", type=int, default=2_000)
@@ -377,15 +474,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", type=int, default=24_000)
     parser.add_argument("--locks", type=int, default=60_000)
     parser.add_argument("--ttl-ms", type=int, default=15_000, help="mass-expiry's leases")
+    parser.add_argument("--consumers", type=int, default=2_000, help="long-poll's consumers")
     add_http_client_argument(parser)
     args = parser.parse_args(argv)
-    for name in ("waiters", "messages", "keys", "locks", "ttl_ms"):
+    for name in ("waiters", "messages", "keys", "locks", "ttl_ms", "consumers"):
         if not 1 <= getattr(args, name) <= 10_000_000:
             parser.error(f"--{name} must be between 1 and 10,000,000")
 
     async def scenario_on(urls: list[str], cluster: LocalCluster | None) -> int:
         # Connections per node: every hot-lock waiter holds one while it waits.
-        nodes = open_clients(args.http_client, urls, args.waiters + 64)
+        # (and every long-poll consumer).
+        nodes = open_clients(args.http_client, urls, max(args.waiters, args.consumers) + 64)
         try:
             if args.scenario == "hot-lock":
                 return await hot_lock(nodes, args.waiters)
@@ -396,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.scenario == "mass-expiry":
                 assert cluster is not None
                 return await mass_expiry(nodes, args.locks, args.ttl_ms, cluster)
+            if args.scenario == "long-poll":
+                return await long_poll(nodes, urls, args.consumers, cluster)
             return await cache_churn(nodes, args.keys, cluster)
         finally:
             for node in nodes:

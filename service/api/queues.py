@@ -356,6 +356,12 @@ async def _consume(q: QueueService, sender: str, body: dict[str, Any]) -> Any:
     return [d.to_wire() for d in delivered]
 
 
+@_internal("watch")
+async def _watch(q: QueueService, sender: str, body: dict[str, Any]) -> Any:
+    timeout_ms = min(max(int(body["timeout_ms"]), 0), 60_000)
+    return await q.watch(str(body["queue"]), str(body["group"]), timeout_ms / 1000)
+
+
 @_internal("settle")
 async def _settle(q: QueueService, sender: str, body: dict[str, Any]) -> Any:
     queue, group = str(body["queue"]), str(body["group"])

@@ -116,6 +116,29 @@ class PendingTable(dict[int, Pending]):
             times.append(heap[0][0])
         return min(times) if times else None
 
+    def next_visible_after(self, now: int) -> int | None:
+        """When the next pending delivery still invisible at `now` becomes visible (a
+        long poll's wake-up time); those visible by `now` are listed as `visible` lists
+        them."""
+        heap = self._heap
+        found: int | None = None
+        while heap:
+            visible_at, offset = heap[0]
+            current = self.get(offset)
+            if current is None or current.visible_at != visible_at:
+                heapq.heappop(heap)  # stale: reassigned or removed since
+            elif visible_at <= now:
+                heapq.heappop(heap)
+                self._list(offset)
+            else:
+                found = visible_at
+                break
+        # Listed ones are visible by the latest time asked, which may be later than now.
+        times = [t for o in self._visible if (t := self[o].visible_at) > now]
+        if found is not None:
+            times.append(found)
+        return min(times, default=None)
+
     def _list(self, offset: int) -> None:
         visible = self._visible
         i = bisect_left(visible, offset)
@@ -281,10 +304,17 @@ class PartitionState:
         upto = min(g.floor() for g in self.groups.values()) - 1
         return Trim(upto) if upto > self.trimmed else None
 
-    def next_visible_at(self) -> int | None:
-        """Earliest time a pending delivery becomes visible again (for long polls)."""
-        times = [t for g in self.groups.values() if (t := g.pending.earliest()) is not None]
-        return min(times) if times else None
+    def next_visible_after(self, group: str, now: int) -> int | None:
+        """When a delivery to `group` still invisible at `now` becomes visible again
+        (its visibility or a nack's delay ends): when a long poll should look again."""
+        g = self.groups.get(group)
+        return None if g is None else g.pending.next_visible_after(now)
+
+    def may_deliver(self, group: str, now: int, delivery_limit: int) -> bool:
+        """Whether a consume by `group` would get something now (or move a message past
+        the delivery limit to the dead letters). False when all there is waits for a
+        visibility to end or for an earlier message of its key to be acked."""
+        return bool(self.plan_deliver(group, "", 1, 1, now, delivery_limit))
 
     # --- applying ops ------------------------------------------------------------------
 

@@ -32,7 +32,9 @@ from service.queue.base import (
     LONG_POLL_SLICE_SECONDS,
     PUBLISH_TIMEOUT_SECONDS,
     REMOTE_EMPTY_SECONDS,
-    REMOTE_POLL_SECONDS,
+    WATCH_MIN_INTERVAL_SECONDS,
+    WATCH_RETRY_SECONDS,
+    WATCH_SECONDS,
     Delivered,
     QueueError,
     log,
@@ -80,6 +82,9 @@ class QueueService(ReplicationMixin, ControlMixin):
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        for _, timer in self._visibility_timers.values():
+            timer.cancel()
+        self._visibility_timers.clear()
         for replica in self.replicas.values():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(replica.flush(), 2.0)
@@ -374,10 +379,9 @@ class QueueService(ReplicationMixin, ControlMixin):
         self, queue: str, group: str, consumer: str, max_messages: int, visibility_ms: int,
         wait_ms: int,
     ) -> list[Delivered]:
-        """Deliveries from this node's partitions first (no extra hop); other nodes'
-        partitions when ours have nothing: at once, then while long-polling once every
-        REMOTE_POLL_SECONDS, and once more before giving up, so idle consumers do not
-        flood the other nodes with empty polls."""
+        """Deliveries from this node's partitions first (no extra hop), then other
+        nodes'. A long poll then waits for an event that may bring messages (see
+        LONG_POLL_SLICE_SECONDS) and looks again, here and at other nodes."""
         meta = await self.ensure_queue(queue)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
@@ -385,28 +389,103 @@ class QueueService(ReplicationMixin, ControlMixin):
         def local() -> list[Delivered]:
             return self.consume_local(queue, group, consumer, max_messages, visibility_ms)
 
-        async def remote() -> list[Delivered]:
-            return await self._consume_remote(meta, group, consumer, max_messages,
-                                              visibility_ms)
+        async def anywhere() -> list[Delivered]:
+            return local() or await self._consume_remote(
+                self.meta.get(queue) or meta, group, consumer, max_messages, visibility_ms
+            )
 
-        out = local() or await remote()
-        next_remote = loop.time() + REMOTE_POLL_SECONDS
+        out = await anywhere()
         while not out:
             now = loop.time()
             if now >= deadline:
                 return []
+            self._watch_leaders(self.meta.get(queue) or meta, group)
+            self._arm_visibility(queue, group)
             await self._message_waiters.wait(
-                queue, group,
-                min(deadline - now, LONG_POLL_SLICE_SECONDS, max(0.0, next_remote - now)),
+                queue, group, min(deadline - now, LONG_POLL_SLICE_SECONDS)
             )
-            out = local()
+            out = await anywhere()
             if len(out) >= max_messages:
                 self._message_waiters.pass_on(queue, group)  # there may be more
-            now = loop.time()
-            if not out and (now >= next_remote or now >= deadline):
-                out = await remote()
-                next_remote = now + REMOTE_POLL_SECONDS
         return out
+
+    # --- waking long polls -------------------------------------------------------------
+
+    def _arm_visibility(self, queue: str, group: str) -> None:
+        """Wake the queue's long polls when the next delivery to `group` led here
+        becomes visible again (its visibility or a nack's delay ends)."""
+        now = now_ms()
+        times = [
+            t for replica in self.led_partitions(queue)
+            if (t := replica.state.next_visible_after(group, now)) is not None
+        ]
+        if not times:
+            return
+        at = min(times)
+        key = (queue, group)
+        armed = self._visibility_timers.get(key)
+        if armed is not None:
+            if now < armed[0] <= at:
+                return  # an earlier wake-up is due; the one it wakes arms the next
+            armed[1].cancel()
+        timer = asyncio.get_running_loop().call_later(
+            (at - now) / 1000 + 0.001, self._visibility_ended, key
+        )
+        self._visibility_timers[key] = (at, timer)
+
+    def _visibility_ended(self, key: tuple[str, str]) -> None:
+        self._visibility_timers.pop(key, None)
+        self._message_waiters.notify(key[0])
+
+    async def watch(self, queue: str, group: str, timeout: float) -> bool:
+        """For another node whose consumers of `group` wait: True as soon as partitions
+        led here may have messages for them (at once if they have now), False after
+        `timeout`."""
+        now = now_ms()
+        meta = self.meta.get(queue)
+        if meta is not None and any(
+            replica.state.may_deliver(group, now, meta.options.delivery_limit)
+            for replica in self.led_partitions(queue)
+        ):
+            return True
+        self._arm_visibility(queue, group)
+        return await self._message_waiters.watch(queue, timeout)
+
+    def _watch_leaders(self, meta: QueueMeta, group: str) -> None:
+        """Have a watch open at every other node leading a partition of the queue."""
+        for leader in {p.leader for p in meta.partitions} - {self.node_id}:
+            key = (meta.name, group, leader)
+            if leader is not None and key not in self._watching and not self._stopping:
+                self._watching.add(key)
+                self._spawn(self._watch(key))
+
+    async def _watch(self, key: tuple[str, str, str]) -> None:
+        """One node's watch at `leader` for its consumers of `group`: while any of them
+        waits, each answer that says messages may be there wakes one (it asks that
+        leader at once), and a new watch is opened."""
+        queue, group, leader = key
+        loop = asyncio.get_running_loop()
+        body = {"queue": queue, "group": group, "timeout_ms": int(WATCH_SECONDS * 1000)}
+        try:
+            while not self._stopping and self._message_waiters.waiting(queue, group):
+                meta = self.meta.get(queue)
+                if meta is None or leader not in {p.leader for p in meta.partitions}:
+                    return  # it leads none of them now; a waiting consumer re-arms
+                started = loop.time()
+                try:
+                    status, ready = await self._rpc(leader, "watch", body,
+                                                    timeout=WATCH_SECONDS + 2)
+                except (aiohttp.ClientError, TimeoutError, OSError):
+                    status, ready = 0, False
+                if status != 200:
+                    await asyncio.sleep(WATCH_RETRY_SECONDS)
+                    continue
+                if ready is True:
+                    self._remote_empty_until.pop(key, None)
+                    self._message_waiters.pass_on(queue, group)
+                await asyncio.sleep(max(0.0, started + WATCH_MIN_INTERVAL_SECONDS - loop.time()))
+        finally:
+            self._watching.discard(key)
 
     async def _consume_remote(
         self, meta: QueueMeta, group: str, consumer: str, max_messages: int,
@@ -462,6 +541,7 @@ class QueueService(ReplicationMixin, ControlMixin):
             replica = self._leading(queue, partition)
             g = replica.state.groups.get(group)
             ops: list[Ack | Nack] = []
+            frees_key = False  # an ack of a keyed message lets the key's next one go
             for pos, offset, count in entries:
                 pending = g.pending.get(offset) if g is not None else None
                 if pending is None:
@@ -471,12 +551,18 @@ class QueueService(ReplicationMixin, ControlMixin):
                 if delay_ms is None:
                     ops.append(Ack(group, offset))
                     statuses[pos] = "acked"
+                    message = replica.state.messages.get(offset)
+                    frees_key = frees_key or (message is not None and message.key is not None)
                 else:
                     ops.append(Nack(group, offset, now + delay_ms))
                     statuses[pos] = "nacked"
             if ops:
                 replica.apply_local(ops, lazy=True)
                 if delay_ms is not None:
+                    # A consumer woken now finds it still delayed, and arms the timer
+                    # for when the delay ends as it waits again.
+                    self._messages_arrived(replica)
+                elif frees_key:
                     self._messages_arrived(replica)
         acked = statuses.count("acked")
         if acked:

@@ -1,4 +1,5 @@
-"""Consumers long-polling on this node, woken one at a time when messages arrive.
+"""Consumers long-polling on this node, woken one at a time when messages arrive, and
+other nodes watching this node's partitions for them.
 
 Every waiting consumer used to wake on every new message (an Event per partition), so
 with a dozen consumers on a node each publish woke all of them: one took the message,
@@ -8,52 +9,83 @@ each group that has waited longest, once per loop turn however many partitions g
 messages in it; a consumer that fills its batch wakes the next of its group (`pass_on`),
 so a burst still spreads over as many consumers as it needs.
 
+A watch is another node asking to hear when messages may be deliverable here (its own
+consumers wait there; service.py `_watch`): a notify ends every watch of the queue, since
+each stands for a whole node's consumers.
+
 A wake-up that finds no one waiting is not kept: a consumer looks for messages before
-it waits, and waits in slices (LONG_POLL_SLICE_SECONDS) that end with another look.
+it waits, and a watch is answered at once when messages are already there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
+
+# A consumer's place in line: dicts keep insertion order, so the first key is the one
+# that waited longest, and leaving the line (a timeout) costs no walk of it. With
+# thousands of consumers long-polling one queue, a deque's remove() walked the line on
+# every wake-up.
+Line = dict[asyncio.Future[None], None]
 
 
 class MessageWaiters:
     def __init__(self) -> None:
-        # queue -> group -> futures of the consumers waiting, longest first
-        self._waiting: dict[str, dict[str, deque[asyncio.Future[None]]]] = {}
+        # queue -> group -> the consumers waiting, longest first
+        self._waiting: dict[str, dict[str, Line]] = {}
+        # queue -> the watches of other nodes
+        self._watches: dict[str, set[asyncio.Future[bool]]] = {}
         self._wake_scheduled: set[str] = set()
 
     def waiting(self, queue: str, group: str) -> int:
         return len(self._waiting.get(queue, {}).get(group, ()))
 
+    def watched(self, queue: str) -> bool:
+        return bool(self._watches.get(queue))
+
     async def wait(self, queue: str, group: str, timeout: float) -> None:
         """Until woken for new messages in `queue`, or `timeout` seconds."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        line = self._waiting.setdefault(queue, {}).setdefault(group, deque())
-        line.append(future)
+        line = self._waiting.setdefault(queue, {}).setdefault(group, {})
+        line[future] = None
         timer = loop.call_later(max(0.0, timeout), _settle, future)
         try:
             await future
         finally:
             timer.cancel()
-            with contextlib.suppress(ValueError):
-                line.remove(future)  # timed out or cancelled: leave the line
+            line.pop(future, None)  # timed out or cancelled: leave the line
             self._drop_if_empty(queue, group)
 
+    async def watch(self, queue: str, timeout: float) -> bool:
+        """True when the next notify of `queue` comes within `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        watches = self._watches.setdefault(queue, set())
+        watches.add(future)
+        timer = loop.call_later(max(0.0, timeout), _answer, future, False)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+            watches.discard(future)
+            if not watches:
+                self._watches.pop(queue, None)
+
     def notify(self, queue: str) -> None:
-        """Messages arrived in `queue`: wake one consumer per group, at the end of this
-        loop turn (so the partitions that got messages in this turn all count)."""
-        if queue in self._wake_scheduled or queue not in self._waiting:
+        """Messages arrived in `queue`: wake one consumer per group and every watch, at
+        the end of this loop turn (so the partitions that got messages in this turn all
+        count)."""
+        if queue in self._wake_scheduled:
+            return
+        if queue not in self._waiting and queue not in self._watches:
             return
         self._wake_scheduled.add(queue)
         asyncio.get_running_loop().call_soon(self._wake, queue)
 
     def pass_on(self, queue: str, group: str) -> None:
-        """A consumer of `group` filled its batch: there may be more for the next one of
-        that group (the other groups were woken for these messages already)."""
+        """A consumer of `group` filled its batch (or a watch says another node has
+        messages for it): wake the next consumer of that group."""
         line = self._waiting.get(queue, {}).get(group)
         if line:
             _wake_first(line)
@@ -62,6 +94,8 @@ class MessageWaiters:
         self._wake_scheduled.discard(queue)
         for line in list(self._waiting.get(queue, {}).values()):
             _wake_first(line)
+        for future in list(self._watches.get(queue, ())):
+            _answer(future, True)
 
     def _drop_if_empty(self, queue: str, group: str) -> None:
         groups = self._waiting.get(queue)
@@ -73,14 +107,20 @@ class MessageWaiters:
             del self._waiting[queue]
 
 
-def _wake_first(line: deque[asyncio.Future[None]]) -> None:
+def _wake_first(line: Line) -> None:
     while line:
-        future = line.popleft()
+        future = next(iter(line))
+        del line[future]
         if not future.done():
             future.set_result(None)
             return
 
 
 def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
+    with contextlib.suppress(asyncio.InvalidStateError):
         future.set_result(None)
+
+
+def _answer(future: asyncio.Future[bool], value: bool) -> None:
+    with contextlib.suppress(asyncio.InvalidStateError):
+        future.set_result(value)

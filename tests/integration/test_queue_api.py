@@ -6,6 +6,7 @@ different nodes on purpose: every node serves every queue.
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -119,6 +120,35 @@ def test_messages_of_one_key_are_delivered_in_order_one_at_a_time(c: LocalCluste
         seen.append(got[0]["body"])
         call(c, 1, "POST", f"/v1/queues/{q}/ack", {"receipts": [got[0]["receipt"]]})
     assert seen == [0, 1, 2]
+
+
+def test_a_long_poll_through_a_node_that_leads_nothing_hears_of_a_message_at_once(
+    c: LocalCluster,
+) -> None:
+    """A node with consumers waiting keeps a watch open at each partition leader, and
+    the leader answers it when messages arrive (consumers no longer ask every leader
+    every 0.5 s each): the message must reach the consumer well before the long poll's
+    next look of its own (2 s)."""
+    q = new_queue(c, partitions=1)
+    owner = call(c, 0, "GET", f"/v1/queues/{q}")[1]["partitions"][0]["owner"]
+    leader = next(i for i, node in enumerate(c.nodes) if node.node_id == owner)
+    result: dict[str, Any] = {}
+
+    def poll() -> None:
+        body = {"consumer": "w", "wait_ms": 8_000}
+        result["answer"] = call(c, leader + 1, "POST", f"/v1/queues/{q}/consume", body, 15)
+        result["at"] = time.monotonic()
+
+    waiter = threading.Thread(target=poll)
+    waiter.start()
+    time.sleep(0.3)  # it looked, found nothing and waits
+    sent = time.monotonic()
+    assert call(c, leader, "POST", f"/v1/queues/{q}/messages", {"body": "late"})[0] == 201
+    waiter.join(15)
+    print(f"answered {result['at'] - sent:.3f} s after the publish")
+    status, reply = result["answer"]
+    assert status == 200 and [m["body"] for m in reply["messages"]] == ["late"], reply
+    assert result["at"] - sent < 1.0, f"heard of it after {result['at'] - sent:.2f} s"
 
 
 def test_publish_with_an_id_is_stored_once(c: LocalCluster) -> None:

@@ -370,7 +370,10 @@ def test_rebase_restarts_every_visibility_on_the_new_clock() -> None:
     assert pair.leader.groups["g"].pending == {o1: Pending("c", 105, 100, 1)}
     assert pair.leader.groups["h"].pending == {o1: Pending("c", 12, 7, 1),
                                                o2: Pending("c", 12, 7, 1)}
-    assert pair.leader.next_visible_at() == 12
+    assert pair.leader.next_visible_after("h", 0) == 12
+    assert pair.leader.next_visible_after("g", 0) == 105
+    assert pair.leader.next_visible_after("g", 105) is None  # visible by then
+    assert pair.leader.next_visible_after("nobody", 0) is None
 
 
 # --- queries ---------------------------------------------------------------------------
@@ -384,7 +387,7 @@ def test_lag_and_pending_count() -> None:
     assert pair.leader.lag("g") == 3 and pair.leader.pending_count() == 2
     pair.ack("g", 1, 3)
     assert pair.leader.lag("g") == 1 and pair.leader.pending_count() == 0
-    assert pair.leader.next_visible_at() is None
+    assert pair.leader.next_visible_after("g", 0) is None
 
 
 # --- encoding, writes, export ----------------------------------------------------------
@@ -694,6 +697,20 @@ class Run:
                 [o for o in self.model.published if o >= self.model.start[name] and o not in done]
             )
         assert [(d.group, d.message.offset) for d in state.dead] == self.model.dead
+        # A long poll sleeps while may_deliver is False, until next_visible_after: if a
+        # consume could deliver now, may_deliver must say so; if not, nothing may become
+        # deliverable before next_visible_after without an op (a publish, an ack, ...).
+        for group in (*GROUPS, "new"):
+            planned = state.plan_deliver(group, "c", 3, 10, self.now, self.limit)
+            may = state.may_deliver(group, self.now, self.limit)
+            assert may == bool(planned), f"group {group}: {may} but {planned}"
+            if not may:
+                wake = state.next_visible_after(group, self.now)
+                for later in (self.now + 1, self.now + 9, self.now + 30):
+                    if wake is None or later < wake:
+                        assert not [op for op in state.plan_deliver(
+                            group, "c", 3, 10, later, self.limit) if isinstance(op, Deliver)
+                        ], f"group {group}: deliverable at {later} before the wake-up {wake}"
         # A state rebuilt from the export is the same state and decides the same.
         rebuilt = PartitionState.from_export(exported, self.max_ids)
         assert rebuilt.export() == exported
@@ -747,6 +764,9 @@ def test_pending_table_finds_visible_deliveries_like_a_scan() -> None:
             assert list(table.visible(now)) == expected, f"seed {seed}"
             earliest = min((p.visible_at for p in plain.values()), default=None)
             assert table.earliest() == earliest, f"seed {seed}"
+            later = min((p.visible_at for p in plain.values() if p.visible_at > now),
+                        default=None)
+            assert table.next_visible_after(now) == later, f"seed {seed}"
             assert dict(table) == plain
         assert len(table._heap) <= 2 * len(table) + 65  # stale heap entries are bounded
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from service.metrics import NodeMetrics
+from service.queue.base import LONG_POLL_SLICE_SECONDS, parse_receipt
 from service.queue.replica import PartitionReplica
 from service.queue.service import QueueService
 from service.queue.store import MemoryPartitionStore
@@ -143,3 +144,110 @@ async def test_every_group_gets_the_new_message() -> None:
     await service.publish_local("q", 0, [("m1", None, '"x"')])
     await settle()
     assert all(c.done() and [d.id for d in c.result()] == ["m1"] for c in consumers)
+
+
+# --- what wakes a long poll, and what does not ------------------------------------------
+
+
+def receipt_of(delivered: Any) -> tuple[int, int, int]:
+    return parse_receipt(delivered.receipt)
+
+
+async def test_idle_long_polls_do_not_look_again_until_something_happens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # They used to look every 0.1 s (and ask the other nodes every 0.5 s): 2,000 idle
+    # long polls on a 3-node cluster cost it a core.
+    service = single_node_queue()
+    await leading(service)
+    looks = 0
+    consume_local = service.consume_local
+
+    def counted(*args: Any) -> Any:
+        nonlocal looks
+        looks += 1
+        return consume_local(*args)
+
+    monkeypatch.setattr(service, "consume_local", counted)
+    polls = [asyncio.ensure_future(service.consume("q", "g", f"c{i}", 1, 1000, 5000))
+             for i in range(20)]
+    await asyncio.sleep(0.5)
+    assert looks == 20 and not any(p.done() for p in polls)
+    for poll in polls:
+        poll.cancel()
+    await settle()
+
+
+async def test_a_delivery_whose_visibility_ends_wakes_a_waiting_consumer() -> None:
+    service = single_node_queue()
+    await leading(service)
+    await service.publish_local("q", 0, [("m1", None, '"x"')])
+    await service.consume("q", "g", "a", 1, 100, 0)  # visible again in 0.1 s
+    started = asyncio.get_running_loop().time()
+    [again] = await service.consume("q", "g", "b", 1, 1000, 5000)
+    took = asyncio.get_running_loop().time() - started
+    assert again.id == "m1" and again.delivery_count == 2
+    assert took < LONG_POLL_SLICE_SECONDS / 2, took  # the timer, not the safety look
+
+
+async def test_a_nack_with_a_delay_wakes_a_waiting_consumer_when_it_ends() -> None:
+    service = single_node_queue()
+    await leading(service)
+    await service.publish_local("q", 0, [("m1", None, '"x"')])
+    [first] = await service.consume("q", "g", "a", 1, 60_000, 0)
+    waiting = asyncio.ensure_future(service.consume("q", "g", "b", 1, 1000, 5000))
+    await settle()
+    assert service.settle_local("q", "g", [receipt_of(first)], 100) == ["nacked"]
+    started = asyncio.get_running_loop().time()
+    [again] = await waiting
+    assert again.id == "m1"
+    assert asyncio.get_running_loop().time() - started < LONG_POLL_SLICE_SECONDS / 2
+
+
+async def test_an_ack_that_frees_a_key_wakes_a_waiting_consumer() -> None:
+    service = single_node_queue()
+    await leading(service)
+    await service.publish_local("q", 0, [("k1", "key", '"1"'), ("k2", "key", '"2"')])
+    [first] = await service.consume("q", "g", "a", 10, 60_000, 0)
+    assert first.id == "k1"  # k2 waits for k1's ack
+    waiting = asyncio.ensure_future(service.consume("q", "g", "b", 10, 1000, 5000))
+    await settle()
+    assert not waiting.done()
+    assert service.settle_local("q", "g", [receipt_of(first)], None) == ["acked"]
+    await settle(20)
+    assert waiting.done() and [d.id for d in waiting.result()] == ["k2"]
+
+
+async def test_a_watch_answers_when_messages_may_be_deliverable_to_its_group() -> None:
+    service = single_node_queue()
+    await leading(service)
+    assert await service.watch("q", "g", 0.05) is False  # nothing: times out
+    watching = asyncio.ensure_future(service.watch("q", "g", 5))
+    await settle()
+    await service.publish_local("q", 0, [("m1", None, '"x"')])
+    await settle()
+    assert watching.done() and watching.result() is True
+    assert await service.watch("q", "g", 5) is True  # there now: at once
+    assert len(await service.consume("q", "g", "a", 1, 100, 0)) == 1
+    assert await service.watch("q", "other", 5) is True  # another group: still there
+    started = asyncio.get_running_loop().time()
+    assert await service.watch("q", "g", 5) is True  # when its visibility ends
+    assert asyncio.get_running_loop().time() - started < 1.0
+    assert not service._message_waiters.watched("q")
+
+
+async def test_thousands_of_waiters_leave_the_line_without_walking_it() -> None:
+    waiters = MessageWaiters()
+    polls = [asyncio.ensure_future(waiters.wait("q", "g", 5)) for _ in range(3_000)]
+    await settle()
+    for poll in polls[::2]:
+        poll.cancel()
+    await settle()
+    assert waiters.waiting("q", "g") == 1_500
+    waiters.notify("q")
+    await settle()
+    assert polls[1].done() and not polls[3].done()  # the longest waiting still in line
+    for poll in polls:
+        poll.cancel()
+    await settle()
+    assert not waiters._waiting
