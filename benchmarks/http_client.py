@@ -194,6 +194,10 @@ class LeanClient:
             return _failure("timeout", started)
         except OSError as exc:  # ConnectionError included
             return _failure(f"connection ({type(exc).__name__})", started)
+        except asyncio.CancelledError:
+            if connection is not None:
+                connection.close()  # its answer is still owed: never reuse it
+            raise
         finally:
             if connection is not None:
                 self._release(connection)

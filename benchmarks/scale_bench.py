@@ -421,7 +421,6 @@ async def long_poll(
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    # (The cancelled polls' connections are not reused: the term comes another way.)
     term_after = int((await asyncio.to_thread(node_metrics, urls[0]))["term"])
     distinct = len(set(map(str, bodies)))
     print(f"published: {consumers} in {published:.1f} s; consumed: {len(bodies)} "

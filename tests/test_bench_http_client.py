@@ -139,6 +139,26 @@ async def test_timeouts_refusals_and_garbage_are_status_zero(
         await refused.close()
 
 
+async def test_a_cancelled_request_leaves_no_connection_half_used(
+    server: tuple[str, dict[str, int]],
+) -> None:
+    # A request cancelled while it waited for its answer put its connection back as
+    # idle: the next request on it failed an assertion (scale_bench.py long-poll, which
+    # cancels its consumers' polls at the end).
+    url, _ = server
+    client = LeanClient(url, limit=1)
+    try:
+        slow = asyncio.ensure_future(client.request("GET", "/echo?delay=2", None, 5))
+        await asyncio.sleep(0.1)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        status, body, _ = await client.request("GET", "/echo", None, 5)
+        assert status == 200 and body["path"] == "/echo"
+    finally:
+        await client.close()
+
+
 async def test_at_most_limit_requests_are_in_flight(server: tuple[str, dict[str, int]]) -> None:
     url, seen = server
     client = LeanClient(url, limit=3)
