@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import OrderedDict
 
-# A consumer's place in line: dicts keep insertion order, so the first key is the one
-# that waited longest, and leaving the line (a timeout) costs no walk of it. With
-# thousands of consumers long-polling one queue, a deque's remove() walked the line on
-# every wake-up.
-Line = dict[asyncio.Future[None], None]
+# A consumer's place in line, longest waiting first. Leaving the line (a timeout) and
+# taking its head both cost no walk of it: with thousands of consumers long-polling one
+# queue, a deque's remove() walked the line on every wake-up. (A plain dict would walk
+# the deleted entries at its front to find the head.)
+Line = OrderedDict[asyncio.Future[None], None]
 
 
 class MessageWaiters:
@@ -47,7 +48,7 @@ class MessageWaiters:
         """Until woken for new messages in `queue`, or `timeout` seconds."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        line = self._waiting.setdefault(queue, {}).setdefault(group, {})
+        line = self._waiting.setdefault(queue, {}).setdefault(group, OrderedDict())
         line[future] = None
         timer = loop.call_later(max(0.0, timeout), _settle, future)
         try:
@@ -109,8 +110,7 @@ class MessageWaiters:
 
 def _wake_first(line: Line) -> None:
     while line:
-        future = next(iter(line))
-        del line[future]
+        future, _ = line.popitem(last=False)
         if not future.done():
             future.set_result(None)
             return
