@@ -108,22 +108,27 @@ async def consumers_answered(
     return answered
 
 
+def count_looks(service: QueueService, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """[how often the service looked at its partitions for a consumer], kept current."""
+    looks = [0]
+    consume_local = service.consume_local
+
+    def counted(*args: Any) -> Any:
+        looks[0] += 1
+        return consume_local(*args)
+
+    monkeypatch.setattr(service, "consume_local", counted)
+    return looks
+
+
 async def test_one_new_message_wakes_one_consumer_and_the_rest_keep_waiting(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     service = single_node_queue()
     await leading(service)
-    looks = 0
-    consume_local = service.consume_local
-
-    def counted(*args: Any) -> Any:
-        nonlocal looks
-        looks += 1
-        return consume_local(*args)
-
-    monkeypatch.setattr(service, "consume_local", counted)
+    looks = count_looks(service, monkeypatch)
     assert await consumers_answered(service, 3, 10, ["m1"]) == [["m1"]]
-    assert looks == 3 + 1  # each looked once before waiting; only the woken one again
+    assert looks[0] == 3 + 1  # each looked once before waiting; only the woken one again
 
 
 async def test_a_consumer_that_fills_its_batch_wakes_the_next() -> None:
@@ -160,19 +165,11 @@ async def test_idle_long_polls_do_not_look_again_until_something_happens(
     # long polls on a 3-node cluster cost it a core.
     service = single_node_queue()
     await leading(service)
-    looks = 0
-    consume_local = service.consume_local
-
-    def counted(*args: Any) -> Any:
-        nonlocal looks
-        looks += 1
-        return consume_local(*args)
-
-    monkeypatch.setattr(service, "consume_local", counted)
+    looks = count_looks(service, monkeypatch)
     polls = [asyncio.ensure_future(service.consume("q", "g", f"c{i}", 1, 1000, 5000))
              for i in range(20)]
     await asyncio.sleep(0.5)
-    assert looks == 20 and not any(p.done() for p in polls)
+    assert looks[0] == 20 and not any(p.done() for p in polls)
     for poll in polls:
         poll.cancel()
     await settle()
