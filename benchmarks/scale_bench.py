@@ -6,6 +6,7 @@
     python benchmarks/scale_bench.py held-locks --locks 60000
     python benchmarks/scale_bench.py mass-expiry --locks 30000
     python benchmarks/scale_bench.py long-poll --consumers 2000
+    python benchmarks/scale_bench.py kill-waiters --waiters 2000
     python benchmarks/scale_bench.py hot-lock --url http://127.0.0.1:8001,...
 
 - hot-lock: one lock is held while --waiters clients block on it (through every node);
@@ -35,6 +36,11 @@
   took, duplicates and publish failures. Each waiting consumer once looked every 0.1 s
   and asked every other node every 0.5 s: 2,000 of them took a core, 5,000 starved the
   publishes.
+- kill-waiters: one lock is held (3 s lease) while --waiters clients block on it through
+  the two followers; then the leader is killed -9. Prints how many waiters were granted
+  (once each, releasing at once) and how long that took. Followers used to answer every
+  forwarded wait 503 "outcome unknown" while the waits stayed queued, to be granted to
+  nobody. Needs a cluster of its own (no --url).
 
 Without --url it starts its own local 3-node cluster (cache-churn with 200 cache lines
 per node, so that the bound shows on a small run) and stops it afterwards.
@@ -439,6 +445,49 @@ def partition_moves(url: str, queue: str) -> int:
     return sum(int(p["epoch"]) - 1 for p in view["partitions"])
 
 
+async def kill_waiters(urls: list[str], waiters: int, cluster: LocalCluster, kind: str) -> int:
+    leader = await asyncio.to_thread(cluster.wait_for_leader)
+    nodes = open_clients(kind, [u for i, u in enumerate(urls) if i != leader], waiters + 64)
+    path = f"/v1/locks/kill-{int(time.time() * 1000)}"
+    try:
+        status, held = await call(nodes, 0, "POST", path, {"owner": "holder", "ttl_ms": 3_000})
+        if status != 200:
+            print(f"could not take the lock: {status} {held}")
+            return 1
+        tokens: list[int] = []
+        problems: list[str] = []
+
+        async def waiter(i: int) -> None:
+            body = {"owner": f"w{i}", "ttl_ms": 30_000, "wait_ms": 120_000}
+            status, got = await call(nodes, i, "POST", path, body)
+            if status != 200:
+                problems.append(f"w{i}: {status} {got}")
+                return
+            tokens.append(got["token"])
+            release = {"owner": f"w{i}", "token": got["token"]}
+            status, _ = await call(nodes, i, "DELETE", path, release)
+            if status != 200:
+                problems.append(f"w{i} release: {status}")
+
+        tasks = [asyncio.create_task(waiter(i)) for i in range(waiters)]
+        started, queued = time.monotonic(), 0
+        while time.monotonic() - started < MAX_SECONDS and queued + len(problems) < waiters:
+            await asyncio.sleep(0.2)
+            queued = len((await call(nodes, 0, "GET", path))[1].get("waiters", []))
+        print(f"queued: {queued} of {waiters} through the followers; killing leader "
+              f"{cluster.nodes[leader].node_id}")  # fmt: skip
+        cluster.kill(leader)
+        killed = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*tasks), MAX_SECONDS)
+        print(f"after the kill: {len(tokens)} granted ({len(set(tokens))} distinct tokens) "
+              f"in {time.monotonic() - killed:.1f} s")  # fmt: skip
+        print(f"errors: {len(problems)}", *problems[:5], sep="\n  ")
+        return 0 if not problems and len(set(tokens)) == waiters else 1
+    finally:
+        for node in nodes:
+            await node.close()
+
+
 def node_cpu_seconds(cluster: LocalCluster) -> float:
     """User and system CPU of the node processes so far (Linux /proc)."""
     total = 0
@@ -465,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "scenario",
         choices=("hot-lock", "unacked", "cache-churn", "held-locks", "mass-expiry",
-                 "long-poll"),
+                 "long-poll", "kill-waiters"),
     )
     parser.add_argument("--url", help="comma-separated node URLs (default: a local cluster)")
     parser.add_argument("--waiters", type=int, default=2_000)
@@ -494,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.scenario == "mass-expiry":
                 assert cluster is not None
                 return await mass_expiry(nodes, args.locks, args.ttl_ms, cluster)
+            if args.scenario == "kill-waiters":
+                assert cluster is not None
+                return await kill_waiters(urls, args.waiters, cluster, args.http_client)
             if args.scenario == "long-poll":
                 return await long_poll(nodes, urls, args.consumers, cluster)
             return await cache_churn(nodes, args.keys, cluster)
@@ -504,8 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     def scenario(urls: list[str], cluster: LocalCluster | None) -> int:
         return run(scenario_on(urls, cluster))
 
-    if args.url and args.scenario == "mass-expiry":
-        parser.error("mass-expiry kills the leader of a cluster of its own: no --url")
+    if args.url and args.scenario in ("mass-expiry", "kill-waiters"):
+        parser.error(f"{args.scenario} kills the leader of a cluster of its own: no --url")
     if args.url:
         return scenario([u.rstrip("/") for u in args.url.split(",")], None)
     env = {"CACHE_MAX_ENTRIES": str(CHURN_CAPACITY)} if args.scenario == "cache-churn" else {}

@@ -88,6 +88,11 @@ def test_locust_users_run_without_failures(c: LocalCluster) -> None:
             "--locks=200",
             r"acquired: 200 of 200 locks (.|\n)*then 6400 acquire\+release(.|\n)*node3: snap",
         ),
+        (
+            "long-poll",
+            "--consumers=60",
+            r"consumed: 60 \(60 distinct, 0 duplicates\)(.|\n)*errors: 0",
+        ),
     ],
 )
 def test_scale_bench_scenarios_run_and_report(
@@ -99,6 +104,15 @@ def test_scale_bench_scenarios_run_and_report(
     print(done.stdout, done.stderr[-3000:])
     assert done.returncode == 0
     assert re.search(expect, done.stdout), done.stdout
+
+
+def test_scale_bench_kill_waiters_sees_every_forwarded_wait_granted() -> None:
+    command = [sys.executable, "benchmarks/scale_bench.py", "kill-waiters", "--waiters=60"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    print(done.stdout, done.stderr[-3000:])
+    assert done.returncode == 0
+    assert re.search(r"queued: 60 of 60 through the followers; killing leader", done.stdout)
+    assert re.search(r"after the kill: 60 granted \(60 distinct tokens\)", done.stdout)
 
 
 def test_scale_bench_mass_expiry_kills_its_own_leader_and_sees_every_lease_expire() -> None:
