@@ -113,7 +113,7 @@ async def run_on_leader(
         return error_response(503, "unavailable", "node is starting; retry shortly")
     carries_id = is_idempotent_body(request, args.get("body"))
     idempotent = carries_id or name in _RESEND_SAFE
-    waits = wait_seconds(args.get("body"))
+    waits = budget = wait_seconds(args.get("body"))
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline = started + LEADER_WAIT_SECONDS
@@ -154,7 +154,7 @@ async def run_on_leader(
                 resends += 1
                 deadline = max(deadline, loop.time() + LEADER_WAIT_SECONDS)
             if waits > 0 and not carries_id:
-                args, waits = _with_wait_left(args, waits - (loop.time() - started))
+                args, waits = _with_wait_left(args, budget - (loop.time() - started))
             refused_by = leader
             continue
         if status == NOT_LEADER:
