@@ -146,6 +146,12 @@ class QueueService(ReplicationMixin, ControlMixin):
                     replica.step_down()
         for event in self._wake.values():
             event.set()
+        # A partition may have a new leader: the consumers waiting here need a watch
+        # there now, not when their wait next ends.
+        for queue, group in self._message_waiters.lines():
+            waited_on = self.meta.get(queue)
+            if waited_on is not None:
+                self._watch_leaders(waited_on, group)
 
     # --- queues ------------------------------------------------------------------------
 

@@ -41,6 +41,10 @@ class MessageWaiters:
     def waiting(self, queue: str, group: str) -> int:
         return len(self._waiting.get(queue, {}).get(group, ()))
 
+    def lines(self) -> list[tuple[str, str]]:
+        """(queue, group) of every consumer line waiting here."""
+        return [(queue, group) for queue, groups in self._waiting.items() for group in groups]
+
     def watched(self, queue: str) -> bool:
         return bool(self._watches.get(queue))
 

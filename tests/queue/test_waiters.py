@@ -248,3 +248,25 @@ async def test_thousands_of_waiters_leave_the_line_without_walking_it() -> None:
         poll.cancel()
     await settle()
     assert not waiters._waiting
+
+
+async def test_consumers_waiting_get_a_watch_at_a_partitions_new_leader_at_once() -> None:
+    # The watches of a node follow its waiting consumers' next look; a partition that
+    # moved while they waited would have been watched only after their 2 s look.
+    service = QueueService("n1", NodeMetrics("n1"), MemoryPartitionStore())
+    created = service.meta.apply(1, Command("queue.create", {
+        "queue": "q", "partitions": 1, "replicas": 3, "max_length": 100,
+        "delivery_limit": 5, "placement": [["n2", "n1", "n3"]],
+    }))
+    assert created["status"] == "created", created
+    poll = asyncio.ensure_future(service.consume("q", "g", "c", 1, 1000, 5000))
+    await settle()
+    assert service._watching == {("q", "g", "n2")}
+    moved = service.meta.apply(2, Command("queue.move", {
+        "queue": "q", "partition": 0, "epoch": 1, "leader": "n3",
+    }))
+    assert moved == {"status": "ok", "epoch": 2}, moved
+    await service._reconcile()
+    assert ("q", "g", "n3") in service._watching and not poll.done()
+    poll.cancel()
+    await service.stop()
