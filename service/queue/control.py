@@ -45,6 +45,10 @@ class ControlMixin(QueueServiceBase):
                 log.exception("queue maintenance failed")
 
     def _check_isr(self, now: float) -> None:
+        # Reachability once per follower and pass, not per partition: every led
+        # partition is visited 10 times a second, and with thousands of them this walk
+        # was most of an idle node's CPU.
+        reachable_peers: dict[str, bool] = {}
         for (queue, partition), replica in list(self.leading_replicas.items()):
             meta = self.meta.get(queue)
             if meta is None:
@@ -55,12 +59,14 @@ class ControlMixin(QueueServiceBase):
             for follower in part.replicas:
                 if follower == self.node_id:
                     continue
-                reachable = (
-                    now - max(self._peer_ok.get(follower, 0.0), self._started_at)
-                    < PEER_DOWN_SECONDS
-                )
+                reachable = reachable_peers.get(follower)
+                if reachable is None:
+                    heard = max(self._peer_ok.get(follower, 0.0), self._started_at)
+                    reachable = reachable_peers[follower] = now - heard < PEER_DOWN_SECONDS
                 if reachable and replica.follower_acked.get(follower, -1) >= replica.position.seq:
                     replica.follower_caught_up_at[follower] = now
+                    if follower in part.isr:
+                        continue  # in sync and in the ISR: nothing to decide
                 caught_up_at = replica.follower_caught_up_at.get(follower, -math.inf)
                 if follower in part.isr and (
                     not reachable or now - caught_up_at > ISR_LAG_SECONDS
@@ -111,8 +117,11 @@ class ControlMixin(QueueServiceBase):
         for meta in self.meta.queues():
             for part in meta.partitions:
                 led[part.leader] = led.get(part.leader, 0) + 1
+        live_nodes = {node for node in led if self._live(node, now)}  # once per pass
         for meta in self.meta.queues():
             for index, part in enumerate(meta.partitions):
+                if part.leader in live_nodes and part.leader == part.replicas[0]:
+                    continue  # its preferred leader leads, alive: nothing to move
                 target: str | None = None
                 isr = part.isr
                 if not self._live(part.leader, now):

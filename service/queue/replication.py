@@ -76,10 +76,12 @@ class ReplicationMixin(QueueServiceBase):
         # messages catches up over several requests of a few MiB, not one of hundreds.
         budget = MAX_REPLICATE_BYTES
         for (queue, partition), replica in list(self.leading_replicas.items()):
+            acked = replica.follower_acked.get(peer)
+            if acked is not None and acked >= replica.position.seq:
+                continue  # caught up (most partitions, most heartbeats: checked first)
             meta = self.meta.get(queue)
             if meta is None or peer not in meta.partitions[partition].replicas:
                 continue
-            acked = replica.follower_acked.get(peer)
             # "upto": the leader's end when this was sent; a follower that acks it was
             # caught up at that moment (what ISR membership is judged by).
             base = {"q": queue, "p": partition, "epoch": replica.leader_epoch,
@@ -88,8 +90,6 @@ class ReplicationMixin(QueueServiceBase):
                 # Probe: where is the follower? (its reply says, or it agrees and is done)
                 items.append({**base, "prev": [replica.position.seq, replica.position.stamp],
                               "ops": []})
-                continue
-            if acked >= replica.position.seq:
                 continue
             if budget <= 0:
                 more = True  # the next request
