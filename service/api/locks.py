@@ -10,6 +10,7 @@ Additions to the contract: `POST /v1/locks/{name}/cancel` (give up a wait) and t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -163,10 +164,16 @@ async def _barrier(node: Node) -> None:
 
 
 def _leader_route(
-    method: str, path: str, call: str, resend_safe: bool = False
+    method: str, path: str, call: str, acquires: bool = False
 ) -> Callable[[LeaderCall], LeaderCall]:
     """Register `method path` as a request whose leader-side half is the decorated
-    coroutine, run as leader call `call`: the route only reads the body (none for GET)."""
+    coroutine, run as leader call `call`: the route only reads the body (none for GET).
+
+    `acquires`: the call grants locks. It may then be sent again when its leader fails
+    with it: the table answers a repeated acquire with the owner's current grant or its
+    place in the queue. Without that, a waiter forwarded by a follower was told "outcome
+    unknown" while its wait stayed queued, to be granted to nobody and hold the lock for
+    a whole lease. And a grant whose client has gone meanwhile is released at once."""
 
     def register(handler: LeaderCall) -> LeaderCall:
         async def route(request: web.Request) -> web.StreamResponse:
@@ -176,13 +183,42 @@ def _leader_route(
                 "body": body,
                 "rid": request_id_header(request),
             }
-            return await run_on_leader(request, call, args)
+            response = await run_on_leader(request, call, args)
+            if acquires and response.status == 200 and request.transport is None:
+                _release_unheard(request, response)
+            return response
 
         route.__doc__ = handler.__doc__
         routes.route(method, path)(route)
-        return leader_call(call, resend_safe)(handler)
+        return leader_call(call, resend_safe=acquires)(handler)
 
     return register
+
+
+# Releases of grants whose clients went away (kept so they are not collected mid-way).
+_RELEASING: set[asyncio.Task[None]] = set()
+
+
+def _release_unheard(request: web.Request, response: web.StreamResponse) -> None:
+    """The client of this grant closed its connection while it waited: nobody will use
+    the lock or ever learn its token, so release it now rather than let it block every
+    other waiter until the lease ends. (Only a connection aiohttp already saw close is
+    noticed; a client that vanished without a word holds it for its lease, as before.)"""
+    if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
+        return
+    grant = json.loads(response.body)
+    args = {"name": grant["name"], "body": {"owner": grant["owner"], "token": grant["token"]},
+            "rid": None}
+
+    async def release() -> None:
+        answer = await run_on_leader(request, "lock.release", args)
+        log.info("released a grant its client did not wait for",
+                 extra={"lock": args["name"], "owner": grant["owner"], "token": grant["token"],
+                        "status": answer.status})
+
+    task = asyncio.get_running_loop().create_task(release())
+    _RELEASING.add(task)
+    task.add_done_callback(_RELEASING.discard)
 
 
 def _target(node: Node, args: dict[str, Any]) -> tuple[LockService, dict[str, Any], str, str]:
@@ -191,11 +227,7 @@ def _target(node: Node, args: dict[str, Any]) -> tuple[LockService, dict[str, An
     return _locks_of(node), body, _name(args["name"]), _owner(body)
 
 
-# An acquire may be sent again when its leader fails with it (service/api/calls.py): the
-# table answers a repeated acquire with the owner's current grant or its place in the
-# queue. Without that, a waiter forwarded by a follower was told "outcome unknown" while
-# its wait stayed queued, to be granted to nobody and hold the lock for a whole lease.
-@_leader_route("POST", "/v1/locks/{name}", "lock.acquire", resend_safe=True)
+@_leader_route("POST", "/v1/locks/{name}", "lock.acquire", acquires=True)
 async def _acquire(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     body = args["body"]
     name = _name(args["name"])
@@ -415,7 +447,7 @@ async def _validate(node: Node, args: dict[str, Any]) -> dict[str, Any]:
 # --- the course prototype's aliases --------------------------------------------------
 
 
-@_leader_route("POST", "/lock", "lock.seed_lock", resend_safe=True)
+@_leader_route("POST", "/lock", "lock.seed_lock", acquires=True)
 async def _seed_lock(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     """`{"resource", "owner"}`: an exclusive try-lock with the default TTL."""
     body = args["body"]

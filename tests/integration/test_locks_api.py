@@ -7,6 +7,8 @@ names of its own. Requests go to different nodes on purpose: followers must forw
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import threading
 import time
 import uuid
@@ -476,3 +478,36 @@ def test_listings_come_a_page_at_a_time_and_whole_without_a_limit(c: LocalCluste
     for query in ("limit=0", "limit=10001", "limit=x", "limit=5&after=" + "n" * 300):
         status, err = call(c, 0, "GET", f"/v1/locks?{query}")
         assert status == 400 and err["error"]["code"] == "bad_request", (query, err)
+
+
+def send_and_hang_up(c: LocalCluster, node: int, path: str, body: dict[str, Any]) -> None:
+    """Send one HTTP request and close the connection without waiting for the answer."""
+    payload = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode()  # fmt: skip
+    with socket.create_connection(("127.0.0.1", c.nodes[node].port), timeout=5) as s:
+        s.sendall(head + payload)
+        time.sleep(0.5)  # the wait is queued
+
+
+@pytest.mark.parametrize("through", ["leader", "follower"])
+def test_a_grant_whose_client_hung_up_while_waiting_is_released(
+    c: LocalCluster, through: str
+) -> None:
+    """A waiter that closed its connection is granted the lock in its turn; nobody will
+    use it or learn its token, so the node that held its request releases it at once.
+    Before, it held the lock for its whole lease (60 s here), blocking everyone."""
+    leader = c.wait_for_leader(10)
+    node = leader if through == "leader" else (leader + 1) % c.size
+    name = unique("hangup")
+    status, held = acquire(c, 0, name, "holder", ttl_ms=60_000)
+    assert status == 200, held
+    send_and_hang_up(c, node, f"/v1/locks/{name}",
+                     {"owner": "gone", "ttl_ms": 60_000, "wait_ms": 30_000})
+    view = call(c, 0, "GET", f"/v1/locks/{name}")[1]
+    assert [w["owner"] for w in view["waiters"]] == ["gone"], view
+    assert release(c, 0, name, "holder", held["token"])[0] == 200
+    status, next_grant = acquire(c, 1, name, "next", wait_ms=5_000)
+    assert status == 200, next_grant  # within seconds, not after the 60 s lease
+    view = call(c, 0, "GET", f"/v1/locks/{name}")[1]
+    assert [h["owner"] for h in view["holders"]] == ["next"] and view["waiters"] == []
