@@ -184,7 +184,10 @@ def _leader_route(
                 "rid": request_id_header(request),
             }
             response = await run_on_leader(request, call, args)
-            if acquires and response.status == 200 and request.transport is None:
+            if (acquires and response.status == 200 and request.transport is None
+                    and args["rid"] is None and "request_id" not in body):
+                # (A request with a request_id may be retried, and its retry must get
+                # the grant the first copy was given: that grant is kept.)
                 _release_unheard(request, response)
             return response
 

@@ -511,3 +511,19 @@ def test_a_grant_whose_client_hung_up_while_waiting_is_released(
     assert status == 200, next_grant  # within seconds, not after the 60 s lease
     view = call(c, 0, "GET", f"/v1/locks/{name}")[1]
     assert [h["owner"] for h in view["holders"]] == ["next"] and view["waiters"] == []
+
+
+def test_a_grant_whose_client_hung_up_is_kept_when_it_may_be_retried(c: LocalCluster) -> None:
+    """With a request_id the client may come back for its grant (the retry returns the
+    first copy's result), so that grant must still be there: it is not released."""
+    name = unique("hangup-rid")
+    status, held = acquire(c, 0, name, "holder", ttl_ms=60_000)
+    assert status == 200, held
+    body = {"owner": "back", "ttl_ms": 60_000, "wait_ms": 30_000, "request_id": uuid.uuid4().hex}
+    send_and_hang_up(c, 1, f"/v1/locks/{name}", body)
+    assert release(c, 0, name, "holder", held["token"])[0] == 200
+    status, retried = call(c, 2, "POST", f"/v1/locks/{name}", body)
+    assert status == 200 and retried["owner"] == "back", retried
+    time.sleep(0.5)
+    view = call(c, 0, "GET", f"/v1/locks/{name}")[1]
+    assert [(h["owner"], h["token"]) for h in view["holders"]] == [("back", retried["token"])]
