@@ -188,6 +188,10 @@ async def consume(request: web.Request) -> web.Response:
         field_int(body, "visibility_ms", 30_000, 100, MAX_VISIBILITY_MS),
         field_int(body, "wait_ms", 0, 0, MAX_WAIT_MS),
     ))
+    if messages and request.transport is None:
+        # The client hung up while it long-polled: nobody will see these, so they go
+        # to another consumer now rather than when their visibility ends.
+        queues.hand_back(queue, _group(body), messages)
     return web.json_response({"messages": [_delivered_json(m) for m in messages]})
 
 

@@ -31,6 +31,7 @@ from service.placement import assign, partition_for
 from service.queue.base import (
     LONG_POLL_SLICE_SECONDS,
     PUBLISH_TIMEOUT_SECONDS,
+    REMOTE_CONSUME_SECONDS,
     REMOTE_EMPTY_SECONDS,
     WATCH_MIN_INTERVAL_SECONDS,
     WATCH_RETRY_SECONDS,
@@ -39,6 +40,7 @@ from service.queue.base import (
     QueueError,
     log,
     make_receipt,
+    parse_receipt,
 )
 from service.queue.control import ControlMixin
 from service.queue.meta import QueueMeta, QueueOptions
@@ -509,9 +511,17 @@ class QueueService(ReplicationMixin, ControlMixin):
                 continue
             body = {"queue": meta.name, "group": group, "consumer": consumer,
                     "max": max_messages - len(out), "visibility_ms": visibility_ms}
+            asked = asyncio.ensure_future(self._rpc(leader, "consume", body))
             try:
-                status, reply = await self._rpc(leader, "consume", body, timeout=1.0)
-            except (aiohttp.ClientError, TimeoutError, OSError):
+                status, reply = await asyncio.wait_for(asyncio.shield(asked),
+                                                       REMOTE_CONSUME_SECONDS)
+            except (aiohttp.ClientError, TimeoutError, OSError, asyncio.CancelledError) as exc:
+                # An answer that comes after we stopped waiting (or after our client
+                # left) still hands messages to this consumer: give them back at once,
+                # or they stay invisible to everyone for their whole visibility.
+                asked.add_done_callback(lambda done: self._hand_back_answer(meta.name, group, done))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 continue  # a dead leader's partitions move; its deliveries time out
             if status == 200 and isinstance(reply, list):
                 out.extend(Delivered.from_wire(raw) for raw in reply)
@@ -520,6 +530,32 @@ class QueueService(ReplicationMixin, ControlMixin):
                 else:
                     self._note_remote_empty(empty_key, loop.time())
         return out
+
+    def hand_back(self, queue: str, group: str, delivered: list[Delivered]) -> None:
+        """Deliveries nobody received (the answer carrying them was late, or its client
+        had hung up): nack them without delay so they go to another consumer now, not
+        when their visibility ends."""
+        if not delivered:
+            return
+        receipts = [parse_receipt(d.receipt) for d in delivered]
+
+        async def nack() -> None:
+            try:
+                statuses = await self.settle(queue, group, receipts, 0)
+            except QueueError as exc:
+                log.info("could not hand back deliveries", extra={"error": exc.message})
+                return
+            log.info("handed back deliveries nobody received",
+                     extra={"queue": queue, "group": group, "count": statuses.count("nacked")})
+
+        self._spawn(nack())
+
+    def _hand_back_answer(self, queue: str, group: str, done: asyncio.Future[Any]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        status, reply = done.result()
+        if status == 200 and isinstance(reply, list):
+            self.hand_back(queue, group, [Delivered.from_wire(raw) for raw in reply])
 
     def _messages_arrived(self, replica: PartitionReplica) -> None:
         """New messages (or messages back from a nack) in a partition led here."""

@@ -6,6 +6,8 @@ different nodes on purpose: every node serves every queue.
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 import urllib.error
@@ -149,6 +151,28 @@ def test_a_long_poll_through_a_node_that_leads_nothing_hears_of_a_message_at_onc
     status, reply = result["answer"]
     assert status == 200 and [m["body"] for m in reply["messages"]] == ["late"], reply
     assert result["at"] - sent < 1.0, f"heard of it after {result['at'] - sent:.2f} s"
+
+
+def test_messages_handed_to_a_long_poll_whose_client_hung_up_go_to_another_at_once(
+    c: LocalCluster,
+) -> None:
+    """The long poll that waited longest is woken for a new message; its client has
+    gone (it hung up while waiting), so nobody will see the message: it is handed back
+    and the next consumer gets it now, not when its 60 s visibility ends."""
+    q = new_queue(c, partitions=1)
+    owner = call(c, 0, "GET", f"/v1/queues/{q}")[1]["partitions"][0]["owner"]
+    leader = next(i for i, node in enumerate(c.nodes) if node.node_id == owner)
+    payload = json.dumps({"consumer": "gone", "wait_ms": 8_000,
+                          "visibility_ms": 60_000}).encode()  # fmt: skip
+    head = (f"POST /v1/queues/{q}/consume HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", c.nodes[leader].port), timeout=5) as s:
+        s.sendall(head.encode() + payload)
+        time.sleep(0.5)  # it waits
+    time.sleep(0.2)
+    assert call(c, leader, "POST", f"/v1/queues/{q}/messages", {"body": "once"})[0] == 201
+    got = consume(c, leader, q, wait_ms=3_000)
+    assert [(m["body"], m["delivery_count"]) for m in got] == [("once", 2)], got
 
 
 def test_publish_with_an_id_is_stored_once(c: LocalCluster) -> None:
