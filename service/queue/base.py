@@ -58,8 +58,9 @@ WATCH_RETRY_SECONDS = 0.5
 # leader at the start and the end of every poll, hundreds of calls a second that mostly
 # came back empty (at 30 msgs/s, 32 consumers cost the cluster half a core).
 REMOTE_EMPTY_SECONDS = 0.05
-# How long a consume waits for another partition leader's answer before going on (a
-# late answer's deliveries are handed back: QueueService.hand_back).
+# How long a consume waits for another partition leader's answer before going on. (The
+# deliveries in an answer that comes later reach no one and stay invisible until their
+# visibility ends; they are not handed back.)
 REMOTE_CONSUME_SECONDS = 1.0
 HEARTBEAT_SECONDS = 0.2
 # A follower node that answered no replication call for this long leaves the ISR.

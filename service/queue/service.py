@@ -511,17 +511,10 @@ class QueueService(ReplicationMixin, ControlMixin):
                 continue
             body = {"queue": meta.name, "group": group, "consumer": consumer,
                     "max": max_messages - len(out), "visibility_ms": visibility_ms}
-            asked = asyncio.ensure_future(self._rpc(leader, "consume", body))
             try:
-                status, reply = await asyncio.wait_for(asyncio.shield(asked),
-                                                       REMOTE_CONSUME_SECONDS)
-            except (aiohttp.ClientError, TimeoutError, OSError, asyncio.CancelledError) as exc:
-                # An answer that comes after we stopped waiting (or after our client
-                # left) still hands messages to this consumer: give them back at once,
-                # or they stay invisible to everyone for their whole visibility.
-                asked.add_done_callback(lambda done: self._hand_back_answer(meta.name, group, done))
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
+                status, reply = await self._rpc(leader, "consume", body,
+                                                timeout=REMOTE_CONSUME_SECONDS)
+            except (aiohttp.ClientError, TimeoutError, OSError):
                 continue  # a dead leader's partitions move; its deliveries time out
             if status == 200 and isinstance(reply, list):
                 out.extend(Delivered.from_wire(raw) for raw in reply)
@@ -532,9 +525,9 @@ class QueueService(ReplicationMixin, ControlMixin):
         return out
 
     def hand_back(self, queue: str, group: str, delivered: list[Delivered]) -> None:
-        """Deliveries nobody received (the answer carrying them was late, or its client
-        had hung up): nack them without delay so they go to another consumer now, not
-        when their visibility ends."""
+        """Deliveries nobody received (their long poll's client hung up): nack them
+        without delay so they go to another consumer now, not when their visibility
+        ends."""
         if not delivered:
             return
         receipts = [parse_receipt(d.receipt) for d in delivered]
@@ -549,13 +542,6 @@ class QueueService(ReplicationMixin, ControlMixin):
                      extra={"queue": queue, "group": group, "count": statuses.count("nacked")})
 
         self._spawn(nack())
-
-    def _hand_back_answer(self, queue: str, group: str, done: asyncio.Future[Any]) -> None:
-        if done.cancelled() or done.exception() is not None:
-            return
-        status, reply = done.result()
-        if status == 200 and isinstance(reply, list):
-            self.hand_back(queue, group, [Delivered.from_wire(raw) for raw in reply])
 
     def _messages_arrived(self, replica: PartitionReplica) -> None:
         """New messages (or messages back from a nack) in a partition led here."""

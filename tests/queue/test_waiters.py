@@ -270,36 +270,3 @@ async def test_consumers_waiting_get_a_watch_at_a_partitions_new_leader_at_once(
     assert ("q", "g", "n3") in service._watching and not poll.done()
     poll.cancel()
     await service.stop()
-
-
-async def test_deliveries_in_a_late_remote_answer_are_handed_back(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A consume asks another partition leader and gives up on it after a second; the
-    # leader's answer, when it comes, hands this consumer messages nobody will see. They
-    # used to stay invisible for their whole visibility (30 s by default).
-    service = QueueService("n1", NodeMetrics("n1"), MemoryPartitionStore())
-    created = service.meta.apply(1, Command("queue.create", {
-        "queue": "q", "partitions": 1, "replicas": 2, "max_length": 100,
-        "delivery_limit": 5, "placement": [["n2", "n1"]],
-    }))
-    assert created["status"] == "created", created
-    monkeypatch.setattr("service.queue.service.REMOTE_CONSUME_SECONDS", 0.05)
-    sent: list[tuple[str, dict[str, Any]]] = []
-
-    async def rpc(node: str, name: str, body: dict[str, Any], timeout: float = 3.0) -> Any:
-        sent.append((name, body))
-        if name == "consume":
-            await asyncio.sleep(0.2)  # past the consume's patience
-            return 200, [["m1", "0.7.1", 0, None, '"x"', 1]]
-        return 200, [{"ok": True, "result": ["nacked"]}]
-
-    monkeypatch.setattr(service, "_rpc", rpc)
-    meta = service.meta.get("q")
-    assert meta is not None
-    assert await service._consume_remote(meta, "g", "c", 1, 60_000) == []
-    await asyncio.sleep(0.3)
-    assert [name for name, _ in sent] == ["consume", "settle"]
-    settle_body = sent[1][1]
-    assert settle_body["delay_ms"] == 0 and settle_body["parts"] == [[0, [[0, 7, 1]]]]
-    await service.stop()
