@@ -30,6 +30,7 @@ async def health(request: web.Request) -> web.Response:
                 "term": 0,
                 "leader": None,
                 "commit_index": 0,
+                "applied_index": 0,
                 "last_log_index": 0,
             }
         )

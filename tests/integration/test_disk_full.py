@@ -153,7 +153,9 @@ def test_a_leader_whose_disk_fills_stops_and_nothing_acknowledged_is_lost(
             caught_up = False
             while time.monotonic() < deadline and not caught_up:
                 views = [c.health(i, timeout=2) for i in range(3)]
-                caught_up = all(v is not None for v in views) and len(
+                # A node still starting answers "starting" (applied_index 0; it had no
+                # applied_index at all, and this check once failed with a KeyError).
+                caught_up = all(v is not None and v["status"] == "ok" for v in views) and len(
                     {v["applied_index"] for v in views if v is not None}) == 1
                 time.sleep(0.2)
             assert caught_up, "the restarted node did not catch up"
