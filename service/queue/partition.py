@@ -104,40 +104,33 @@ class PendingTable(dict[int, Pending]):
 
     def earliest(self) -> int | None:
         """The earliest visible_at of any pending delivery."""
+        times = [self[o].visible_at for o in self._visible]
+        top = self._heap_top()
+        if top is not None:
+            times.append(top)
+        return min(times, default=None)
+
+    def next_visible_after(self, now: int) -> int | None:
+        """When the next pending delivery still invisible at `now` becomes visible (a
+        long poll's wake-up time)."""
+        self.visible(now)  # lists those visible by now: the heap keeps only later ones
+        # Listed ones are visible by the latest time asked, which may be later than now.
+        times = [t for o in self._visible if (t := self[o].visible_at) > now]
+        top = self._heap_top()
+        if top is not None:
+            times.append(top)
+        return min(times, default=None)
+
+    def _heap_top(self) -> int | None:
+        """The heap's earliest visible_at, dropping the stale entries that surface."""
         heap = self._heap
         while heap:
             visible_at, offset = heap[0]
             current = self.get(offset)
             if current is not None and current.visible_at == visible_at:
-                break
+                return visible_at
             heapq.heappop(heap)
-        times = [self[o].visible_at for o in self._visible]
-        if heap:
-            times.append(heap[0][0])
-        return min(times) if times else None
-
-    def next_visible_after(self, now: int) -> int | None:
-        """When the next pending delivery still invisible at `now` becomes visible (a
-        long poll's wake-up time); those visible by `now` are listed as `visible` lists
-        them."""
-        heap = self._heap
-        found: int | None = None
-        while heap:
-            visible_at, offset = heap[0]
-            current = self.get(offset)
-            if current is None or current.visible_at != visible_at:
-                heapq.heappop(heap)  # stale: reassigned or removed since
-            elif visible_at <= now:
-                heapq.heappop(heap)
-                self._list(offset)
-            else:
-                found = visible_at
-                break
-        # Listed ones are visible by the latest time asked, which may be later than now.
-        times = [t for o in self._visible if (t := self[o].visible_at) > now]
-        if found is not None:
-            times.append(found)
-        return min(times, default=None)
+        return None
 
     def _list(self, offset: int) -> None:
         visible = self._visible
