@@ -70,6 +70,10 @@ class QueueMeta:
     options: QueueOptions
     partitions: tuple[PartitionMeta, ...]
 
+    def leaders(self) -> set[str]:
+        """The nodes that lead at least one partition of the queue."""
+        return {p.leader for p in self.partitions}
+
 
 def _error(code: str, message: str) -> Result:
     return {"status": "error", "code": code, "message": message}

@@ -461,7 +461,7 @@ class QueueService(ReplicationMixin, ControlMixin):
 
     def _watch_leaders(self, meta: QueueMeta, group: str) -> None:
         """Have a watch open at every other node leading a partition of the queue."""
-        for leader in {p.leader for p in meta.partitions} - {self.node_id}:
+        for leader in meta.leaders() - {self.node_id}:
             key = (meta.name, group, leader)
             if leader is not None and key not in self._watching and not self._stopping:
                 self._watching.add(key)
@@ -477,7 +477,7 @@ class QueueService(ReplicationMixin, ControlMixin):
         try:
             while not self._stopping and self._message_waiters.waiting(queue, group):
                 meta = self.meta.get(queue)
-                if meta is None or leader not in {p.leader for p in meta.partitions}:
+                if meta is None or leader not in meta.leaders():
                     return  # it leads none of them now; a waiting consumer re-arms
                 started = loop.time()
                 try:
@@ -500,7 +500,7 @@ class QueueService(ReplicationMixin, ControlMixin):
         visibility_ms: int,
     ) -> list[Delivered]:
         loop = asyncio.get_running_loop()
-        leaders = sorted({p.leader for p in meta.partitions} - {self.node_id})
+        leaders = sorted(meta.leaders() - {self.node_id})
         self._rng.shuffle(leaders)
         out: list[Delivered] = []
         for leader in leaders:
@@ -665,7 +665,7 @@ class QueueService(ReplicationMixin, ControlMixin):
         meta = self.meta.get(queue)
         if meta is None:
             raise QueueError(404, "not_found", f"no queue {queue!r}")
-        leaders = sorted({p.leader for p in meta.partitions})
+        leaders = sorted(meta.leaders())
         results: list[Any] = []
         for leader in leaders:
             if leader == self.node_id:
