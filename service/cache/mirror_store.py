@@ -39,6 +39,7 @@ from redis.asyncio import Redis
 from service.cache.messages import PersistEntry
 from service.cache.store import Persist, StoredCache
 from service.storage.codec import as_text
+from service.storage.write_batch import WriteBatch, write_batch_script
 
 MIRROR_PREFIX = "dsync:cache:mirror:"
 STAGING_PREFIX = "dsync:cache:mirror-staging:"
@@ -203,10 +204,11 @@ class MemoryMirrorStore:
 class RedisMirrorStore:
     """Only this node writes the mirrors in its Redis, so "check the position, then
     write" is made one step by a lock per source in this process, and the position is
-    remembered: an update is one MULTI round trip (no WATCH, no read)."""
+    remembered: an update is one script call (no WATCH, no read)."""
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
+        self._script = write_batch_script(redis)
         self._locks: dict[str, asyncio.Lock] = {}
         self._positions: dict[str, Position | None] = {}  # as last read or written
 
@@ -225,13 +227,12 @@ class RedisMirrorStore:
             sets = {k: v for k, v in update.writes.items() if v is not None}
             sets[POSITION_FIELD] = encode_position(update.position)
             deletes = [k for k, v in update.writes.items() if v is None]
-            # Whatever happens to the MULTI, the position is read again next time.
+            # Whatever happens to the script call, the position is read again next time.
             del self._positions[source]
-            async with self._redis.pipeline(transaction=True) as pipe:
-                if deletes:
-                    pipe.hdel(name, *deletes)
-                pipe.hset(name, mapping=sets)  # type: ignore[arg-type]
-                await pipe.execute()
+            batch = WriteBatch()
+            batch.hdel(name, deletes)
+            batch.hset(name, sets)
+            await batch.execute(self._script)
             self._positions[source] = update.position
             return Applied(True, update.position)
 

@@ -17,10 +17,11 @@ Redis layout (readable with redis-cli):
     dsync:cache:dir:            hash  (key "") the retired floor: txn, version (directory.py)
     dsync:cache:incarnation     string  counts this node's cache starts (request ids)
 
-Every `persist` is one MULTI/EXEC, and with `appendfsync always` it is durable when the
-reply arrives: the runtime sends and answers nothing that depends on a write before its
-`persist` returns. Within one batch only the last write of each hash counts, and a hash is
-replaced whole (DEL + HSET), since a line that turns I must lose its `value` field.
+Every `persist` is one atomic script call (storage/write_batch.py), and with
+`appendfsync always` it is durable when the reply arrives: the runtime sends and answers
+nothing that depends on a write before its `persist` returns. Within one batch only the
+last write of each hash counts, and a hash is replaced whole (DEL + HSET), since a line
+that turns I must lose its `value` field.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from redis.asyncio import Redis
 
 from service.cache.messages import PersistEntry, PersistLine
 from service.storage.codec import as_text
+from service.storage.write_batch import WriteBatch, write_batch_script
 
 LINE_PREFIX = "dsync:cache:line:"
 DIR_PREFIX = "dsync:cache:dir:"
@@ -139,18 +141,19 @@ class MemoryCacheStore:
 class RedisCacheStore:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
+        self._script = write_batch_script(redis)
 
     async def persist(self, writes: Sequence[Persist]) -> None:
         latest = _latest(writes)
         if not latest:
             return
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for (directory, key), fields in latest.items():
-                name = redis_key(directory, key)
-                pipe.delete(name)
-                if fields:
-                    pipe.hset(name, mapping=fields)  # type: ignore[arg-type]
-            await pipe.execute()
+        batch = WriteBatch()
+        for (directory, key), fields in latest.items():
+            name = redis_key(directory, key)
+            batch.delete(name)
+            if fields:
+                batch.hset(name, fields)
+        await batch.execute(self._script)
 
     async def load(self) -> StoredCache:
         return StoredCache(await self._load(LINE_PREFIX), await self._load(DIR_PREFIX))

@@ -195,19 +195,34 @@ async def test_foreign_keys_are_ignored(backend: Backend) -> None:
     assert await r.hgetall("dsync:lock:k") == {b"mode": b"exclusive"}
 
 
-async def test_a_persist_is_one_transaction(backend: Backend) -> None:
+async def test_a_persist_is_one_command(backend: Backend) -> None:
+    """50 hashes replaced in one atomic script call: no pipeline, one EVALSHA."""
     if backend.redis is None:
         pytest.skip("Redis only")
-    calls: list[bool] = []
-    real_pipeline = backend.redis.pipeline
+    redis = backend.redis
+    await backend.store.persist([PersistLine(NODE, "warm", M_LINE)])  # loads the script
+    pipelines: list[bool] = []
+    commands: list[str] = []
+    real_pipeline, real_execute = redis.pipeline, redis.execute_command
 
-    def spy(transaction: bool = True, shard_hint: str | None = None):  # type: ignore[no-untyped-def]
-        calls.append(transaction)
+    def spy_pipeline(transaction: bool = True, shard_hint: str | None = None):  # type: ignore[no-untyped-def]
+        pipelines.append(transaction)
         return real_pipeline(transaction=transaction, shard_hint=shard_hint)
 
-    backend.redis.pipeline = spy  # type: ignore[method-assign]
-    await backend.store.persist([PersistLine(NODE, f"k{i}", M_LINE) for i in range(50)])
-    assert calls == [True]
+    async def spy_execute(*args, **options):  # type: ignore[no-untyped-def]
+        commands.append(str(args[0]))
+        return await real_execute(*args, **options)
+
+    redis.pipeline = spy_pipeline  # type: ignore[method-assign]
+    redis.execute_command = spy_execute  # type: ignore[method-assign]
+    await backend.store.persist(
+        [PersistLine(NODE, f"k{i}", M_LINE) for i in range(50)] + [PersistLine(NODE, "warm", None)]
+    )
+    assert pipelines == [] and commands == ["EVALSHA"]
+    redis.pipeline, redis.execute_command = real_pipeline, real_execute  # type: ignore[method-assign]
+    await backend.reopen()
+    stored = await backend.store.load()
+    assert stored.lines == {f"k{i}": M_LINE for i in range(50)}
 
 
 async def test_persisted_state_survives_kill_9_of_redis(tmp_path: Path) -> None:

@@ -1,0 +1,99 @@
+"""A group of Redis hash writes sent as one atomic EVALSHA instead of a MULTI/EXEC.
+
+Why: a transaction of n commands costs the node n + 2 commands to build and pack and
+n + 2 replies to read and parse (MULTI's OK, a QUEUED per command, EXEC's array). Every
+cache miss and cache write persists a few hashes (DEL + HSET each) and mirrors them to a
+peer. One script call makes the same writes all or nothing (Redis runs a script with
+nothing interleaved), is fsynced before its reply like any write under `appendfsync
+always`, and reaches the AOF as the MULTI/EXEC of its effects; the node packs one
+command and parses one reply. With 64 clients on 1,000 keys the cache served 4-6% more
+operations per second with it.
+
+Not used for the Raft log and the applied state (redis_store.py): their groups are a few
+large commands, and there a script costs Redis more than it saves the node (EVALSHA took
+133-171 µs where the same MULTI/EXEC took 88-100 µs, and the lock benchmark lost 2%).
+
+The script runs a flat program held in ARGV, so one cached script serves every batch:
+each step is `command, key number, argument count, arguments...`, applied to KEYS[key
+number]. Only this module writes programs, with the few commands below; variadic ones
+are cut into steps of at most `CHUNK` arguments, since Lua's unpack refuses a few
+thousand values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+CHUNK = 1_000  # arguments per step; even, so field/value pairs stay whole
+
+SCRIPT = """
+local a, n = 1, #ARGV
+while a <= n do
+  local first = a + 3
+  local last = first + tonumber(ARGV[a + 2]) - 1
+  redis.call(ARGV[a], KEYS[tonumber(ARGV[a + 1])], unpack(ARGV, first, last))
+  a = last + 1
+end
+return n
+"""
+
+Value = str | bytes | int | float
+Name = str | bytes
+
+
+class WriteBatch:
+    """Writes collected in order; `execute` applies them all in one script call."""
+
+    __slots__ = ("_args", "_index", "_keys")
+
+    def __init__(self) -> None:
+        self._keys: list[Name] = []
+        self._index: dict[Name, int] = {}
+        self._args: list[Value] = []
+
+    def __len__(self) -> int:
+        """The number of steps' arguments so far (0: nothing to send)."""
+        return len(self._args)
+
+    def delete(self, name: Name) -> None:
+        self._step("DEL", name, ())
+
+    def hdel(self, name: Name, fields: Iterable[Name]) -> None:
+        self._chunked("HDEL", name, list(fields))
+
+    def hset(self, name: Name, mapping: Mapping[Any, Value]) -> None:
+        flat: list[Value] = []
+        for field, value in mapping.items():
+            flat += (field, value)
+        self._chunked("HSET", name, flat)
+
+    def _chunked(self, command: str, name: Name, flat: list[Value]) -> None:
+        for start in range(0, len(flat), CHUNK):
+            self._step(command, name, flat[start : start + CHUNK])
+
+    def _step(self, command: str, name: Name, args: Iterable[Value] | list[Value]) -> None:
+        number = self._index.get(name)
+        if number is None:
+            self._keys.append(name)
+            number = self._index[name] = len(self._keys)
+        before = len(self._args)
+        self._args += (command, number, 0)
+        self._args += args
+        self._args[before + 2] = len(self._args) - before - 3
+
+    async def execute(self, script: AsyncScript) -> None:
+        if self._args:
+            await script(keys=self._keys, args=self._args)
+
+
+def write_batch_script(redis: Redis) -> AsyncScript:
+    """The script bound to `redis`; redis-py loads it again when Redis answers NOSCRIPT
+    (after a restart of Redis)."""
+    return redis.register_script(SCRIPT)
+
+
+__all__ = ["CHUNK", "SCRIPT", "WriteBatch", "write_batch_script"]

@@ -1,0 +1,109 @@
+"""WriteBatch: hash writes as one atomic script call, on fakeredis and a real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from service.storage.embedded import EmbeddedRedis
+from service.storage.write_batch import CHUNK, WriteBatch, write_batch_script
+from tests.helpers.redis_server import fresh_redis, redis_connector
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+async def redis(
+    request: pytest.FixtureRequest, shared_redis: EmbeddedRedis
+) -> AsyncIterator[Redis]:
+    async with fresh_redis(redis_connector(request.param, shared_redis)) as handle:
+        yield handle.client
+
+
+def test_the_program_names_each_key_once_and_counts_each_steps_arguments() -> None:
+    batch = WriteBatch()
+    batch.delete("h")
+    batch.hset("h", {"a": "1", "b": "2"})
+    batch.hdel("g", ["x"])
+    batch.hdel("h", [])  # nothing to delete: no step
+    assert batch._keys == ["h", "g"]
+    assert batch._args == ["DEL", 1, 0, "HSET", 1, 4, "a", "1", "b", "2", "HDEL", 2, 1, "x"]
+
+
+def test_long_steps_are_cut_into_whole_pairs() -> None:
+    batch = WriteBatch()
+    batch.hset("h", {f"f{i}": str(i) for i in range(CHUNK)})  # 2 * CHUNK arguments
+    steps = [i for i, arg in enumerate(batch._args) if arg == "HSET"]
+    assert len(steps) == 2
+    assert batch._args[steps[0] + 2] == CHUNK and batch._args[steps[1] + 2] == CHUNK
+    assert batch._args[steps[1] + 3] == f"f{CHUNK // 2}"  # the second step starts on a field
+
+
+async def test_writes_apply_in_order(redis: Redis) -> None:
+    await redis.hset("h", mapping={"old": "1", "keep": "2"})
+    batch = WriteBatch()
+    batch.delete("h")
+    batch.hset("h", {"a": "1", "b": "2", "c": "3"})
+    batch.hdel("h", ["b"])
+    batch.hset("g", {"x": b"\x00\xff"})
+    await batch.execute(write_batch_script(redis))
+    assert await redis.hgetall("h") == {b"a": b"1", b"c": b"3"}
+    assert await redis.hgetall("g") == {b"x": b"\x00\xff"}
+
+
+async def test_a_hash_bigger_than_lua_can_unpack_at_once(redis: Redis) -> None:
+    # 5,000 fields are 10,000 arguments; Lua's unpack refuses about 8,000 in one go.
+    fields = {f"f{i}": str(i) for i in range(5_000)}
+    batch = WriteBatch()
+    batch.hset("big", fields)
+    await batch.execute(write_batch_script(redis))
+    assert await redis.hlen("big") == 5_000
+    batch = WriteBatch()
+    batch.hdel("big", [f"f{i}" for i in range(4_999)])
+    await batch.execute(write_batch_script(redis))
+    assert await redis.hgetall("big") == {b"f4999": b"4999"}
+
+
+async def test_the_script_loads_itself_again_after_redis_forgot_it(redis: Redis) -> None:
+    script = write_batch_script(redis)
+    first = WriteBatch()
+    first.hset("h", {"a": "1"})
+    await first.execute(script)
+    await redis.script_flush()  # what a restart of Redis does to its script cache
+    second = WriteBatch()
+    second.hset("h", {"b": "2"})
+    await second.execute(script)
+    assert await redis.hgetall("h") == {b"a": b"1", b"b": b"2"}
+
+
+async def test_an_empty_batch_sends_nothing(redis: Redis) -> None:
+    sent: list[object] = []
+    real = redis.execute_command
+
+    async def spy(*args, **options):  # type: ignore[no-untyped-def]
+        sent.append(args[0])
+        return await real(*args, **options)
+
+    redis.execute_command = spy  # type: ignore[method-assign]
+    await WriteBatch().execute(write_batch_script(redis))
+    assert sent == [] and len(WriteBatch()) == 0
+
+
+async def test_a_batch_redis_refuses_raises_and_writes_nothing(
+    shared_redis: EmbeddedRedis,
+) -> None:
+    """As when its disk fails (MISCONF): Redis refuses every write, the caller gets the
+    error and acknowledges nothing. NOREPLICAS is the refusal a test can turn on."""
+    async with fresh_redis(redis_connector("redis", shared_redis)) as handle:
+        redis = handle.client
+        await redis.config_set("min-replicas-to-write", 1)
+        try:
+            batch = WriteBatch()
+            batch.delete("h")
+            batch.hset("h", {"a": "1"})
+            with pytest.raises(ResponseError, match="NOREPLICAS"):
+                await batch.execute(write_batch_script(redis))
+        finally:
+            await redis.config_set("min-replicas-to-write", 0)
+        assert await redis.exists("h") == 0
