@@ -11,8 +11,9 @@ Redis layout of partition P of queue Q (readable with redis-cli):
                                    count|consumer (pending), w:<offset> (set aside)
     dsync:q:Q:P:dead       stream  dead letters: group, count, offset, id, key, body
 
-Every save is one MULTI/EXEC: with `appendfsync always`, durable and all-or-nothing
-when the reply arrives, so a replica acknowledges only what survives kill -9.
+Every save is one atomic script call (storage/write_batch.py): with `appendfsync always`,
+durable and all-or-nothing when the reply arrives, so a replica acknowledges only what
+survives kill -9.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
-from redis.typing import EncodableT, FieldT
 
 from service.queue.partition import (
     MAX_DEAD_KEPT,
@@ -36,6 +35,7 @@ from service.queue.partition import (
     pending_field,
 )
 from service.storage.codec import as_text
+from service.storage.write_batch import WriteBatch, write_batch_script
 
 PREFIX = "dsync:q:"
 
@@ -122,53 +122,45 @@ class MemoryPartitionStore:
 class RedisPartitionStore:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
+        self._script = write_batch_script(redis)
 
     async def save(self, queue: str, partition: int, writes: Writes, position: Position,
                    state: PartitionState) -> None:
         await self.save_many([(queue, partition, writes, position, state)])
 
     async def save_many(self, batch: Sequence[SaveItem]) -> None:
-        # Indexes (in the transaction) of the message XADDs: see below.
-        xadds: set[int] = set()
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for queue, partition, writes, position, state in batch:
-                first = len(pipe.command_stack)
-                xadds.update(range(first, first + len(writes.messages)))
-                _queue_writes(pipe, base_key(queue, partition), writes)
-                pipe.hset(base_key(queue, partition) + ":meta",
-                          mapping=_meta_fields(position, state))
-            results = await pipe.execute(raise_on_error=False)
-        # A save may run twice: redis-py resends a transaction whose reply was lost, and
-        # the replica retries a failed save with the same writes. EXEC runs every command
-        # even when one fails, and all but the message XADDs are idempotent (dead letters
-        # repeated are dropped on load), so a message already stored is the only error
-        # that is no error; anything else is raised.
-        for index, result in enumerate(results):
-            if isinstance(result, Exception) and not (
-                index in xadds and _already_stored(result)
-            ):
-                raise result
+        # A save may run twice: redis-py resends a command whose reply was lost, and the
+        # replica retries a failed save with the same writes. All but the message XADDs
+        # are idempotent (dead letters repeated are dropped on load), and those are sent
+        # as "may exist": a message already stored is skipped.
+        writes_batch = WriteBatch()
+        for queue, partition, writes, position, state in batch:
+            _queue_writes(writes_batch, base_key(queue, partition), writes)
+            writes_batch.hset(base_key(queue, partition) + ":meta",
+                              _meta_fields(position, state))
+        await writes_batch.execute(self._script)
 
     async def replace(self, queue: str, partition: int, state: PartitionState,
                       position: Position) -> None:
         base = base_key(queue, partition)
         old = [k async for k in self._redis.scan_iter(match=_escape(base) + ":g:*", count=500)]
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(base, base + ":ids", base + ":dead", base + ":meta", *old)
-            full = Writes(
-                messages=list(state.messages.values()),
-                dead=list(state.dead),
-                ids={i: o for i, o in state.ids.items()},
-            )
-            for name, g in state.groups.items():
-                full.group_fields[(name, "next")] = str(g.next)
-                for offset, p in g.pending.items():
-                    full.group_fields[(name, f"p:{offset}")] = pending_field(p)
-                for offset in g.waiting:
-                    full.group_fields[(name, f"w:{offset}")] = "1"
-            _queue_writes(pipe, base, full)
-            pipe.hset(base + ":meta", mapping=_meta_fields(position, state))
-            await pipe.execute()
+        batch = WriteBatch()
+        for name in (base, base + ":ids", base + ":dead", base + ":meta", *old):
+            batch.delete(name)
+        full = Writes(
+            messages=list(state.messages.values()),
+            dead=list(state.dead),
+            ids={i: o for i, o in state.ids.items()},
+        )
+        for name, g in state.groups.items():
+            full.group_fields[(name, "next")] = str(g.next)
+            for offset, p in g.pending.items():
+                full.group_fields[(name, f"p:{offset}")] = pending_field(p)
+            for offset in g.waiting:
+                full.group_fields[(name, f"w:{offset}")] = "1"
+        _queue_writes(batch, base, full)
+        batch.hset(base + ":meta", _meta_fields(position, state))
+        await batch.execute(self._script)
 
     async def load(self, queue: str, partition: int) -> tuple[PartitionState, Position]:
         base = base_key(queue, partition)
@@ -221,24 +213,23 @@ class RedisPartitionStore:
         return sorted(found)
 
 
-def _queue_writes(pipe: object, base: str, writes: Writes) -> None:
-    p = pipe  # a redis pipeline; typed loosely because redis-py's pipeline types are partial
+def _queue_writes(batch: WriteBatch, base: str, writes: Writes) -> None:
     for m in writes.messages:
         fields = {"id": m.id, "body": m.body}
         if m.key is not None:
             fields["key"] = m.key
-        p.xadd(base, fields, id=f"{m.offset}-0")  # type: ignore[attr-defined]
+        batch.xadd(base, fields, f"{m.offset}-0", may_exist=True)
     if writes.trim_upto is not None:
         # Exact (not `~`): an approximate trim drops only whole stream nodes, leaving
         # trimmed messages that a load would bring back.
-        p.xtrim(base, minid=f"{writes.trim_upto + 1}-0", approximate=False)  # type: ignore[attr-defined]
+        batch.xtrim_minid(base, f"{writes.trim_upto + 1}-0")
     for letter in writes.dead:
         m = letter.message
         dead = {"group": letter.group, "count": str(letter.count), "offset": str(m.offset),
                 "id": m.id, "body": m.body}
         if m.key is not None:
             dead["key"] = m.key
-        p.xadd(base + ":dead", dead, maxlen=MAX_DEAD_KEPT, approximate=False)  # type: ignore[attr-defined]
+        batch.xadd(base + ":dead", dead, maxlen=MAX_DEAD_KEPT)
     groups: dict[str, tuple[dict[str, str], list[str]]] = {}
     for (group, fname), value in writes.group_fields.items():
         sets, dels = groups.setdefault(group, ({}, []))
@@ -248,25 +239,14 @@ def _queue_writes(pipe: object, base: str, writes: Writes) -> None:
             sets[fname] = value
     for group, (sets, dels) in groups.items():
         key = f"{base}:g:{group}"
-        if dels:
-            p.hdel(key, *dels)  # type: ignore[attr-defined]
-        if sets:
-            p.hset(key, mapping=sets)  # type: ignore[attr-defined]
-    id_sets = {i: str(o) for i, o in writes.ids.items() if o is not None}
-    id_dels = [i for i, o in writes.ids.items() if o is None]
-    if id_dels:
-        p.hdel(base + ":ids", *id_dels)  # type: ignore[attr-defined]
-    if id_sets:
-        p.hset(base + ":ids", mapping=id_sets)  # type: ignore[attr-defined]
+        batch.hdel(key, dels)
+        batch.hset(key, sets)
+    batch.hdel(base + ":ids", [i for i, o in writes.ids.items() if o is None])
+    batch.hset(base + ":ids", {i: str(o) for i, o in writes.ids.items() if o is not None})
 
 
-def _already_stored(error: Exception) -> bool:
-    """An XADD refused because the stream already holds that offset (or a later one)."""
-    return isinstance(error, ResponseError) and "equal or smaller" in str(error)
-
-
-def _meta_fields(position: Position, state: PartitionState) -> dict[FieldT, EncodableT]:
-    fields: dict[FieldT, EncodableT] = {"end": str(state.end), "trimmed": str(state.trimmed)}
+def _meta_fields(position: Position, state: PartitionState) -> dict[str, str]:
+    fields: dict[str, str] = {"end": str(state.end), "trimmed": str(state.trimmed)}
     fields.update(position.to_fields())
     return fields
 

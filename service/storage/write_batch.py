@@ -1,13 +1,15 @@
-"""A group of Redis hash writes sent as one atomic EVALSHA instead of a MULTI/EXEC.
+"""A group of Redis writes sent as one atomic EVALSHA instead of a MULTI/EXEC.
 
 Why: a transaction of n commands costs the node n + 2 commands to build and pack and
 n + 2 replies to read and parse (MULTI's OK, a QUEUED per command, EXEC's array). Every
 cache miss and cache write persists a few hashes (DEL + HSET each) and mirrors them to a
-peer. One script call makes the same writes all or nothing (Redis runs a script with
-nothing interleaved), is fsynced before its reply like any write under `appendfsync
-always`, and reaches the AOF as the MULTI/EXEC of its effects; the node packs one
-command and parses one reply. With 64 clients on 1,000 keys the cache served 4-6% more
-operations per second with it.
+peer; every queue save (a publish, a delivery, an ack, on each replica) is an XADD per
+message and a few HSETs. One script call makes the same writes all or nothing (Redis
+runs a script with nothing interleaved), is fsynced before its reply like any write
+under `appendfsync always`, and reaches the AOF as the MULTI/EXEC of its effects; the
+node packs one command and parses one reply. With 64 clients on 1,000 keys the cache
+served 4-6% more operations per second with it. For a queue save of 10 messages (13
+commands) it took the node 135 µs instead of 230 µs, and Redis 37 µs instead of 21 µs.
 
 Not used for the Raft log and the applied state (redis_store.py): their groups are a few
 large commands, and there a script costs Redis more than it saves the node (EVALSHA took
@@ -17,7 +19,11 @@ The script runs a flat program held in ARGV, so one cached script serves every b
 each step is `command, key number, argument count, arguments...`, applied to KEYS[key
 number]. Only this module writes programs, with the few commands below; variadic ones
 are cut into steps of at most `CHUNK` arguments, since Lua's unpack refuses a few
-thousand values.
+thousand values. The step `XADD?` is an XADD that may have been made already (a save
+sent again after its reply was lost): Redis refusing its id as "equal or smaller" than
+the stream's last is no error. Any other error stops the script and is its reply; as with
+EXEC, the steps before it stay applied, so a caller treats an error as "retry the whole
+batch", which every user of this module can do (its steps are idempotent).
 """
 
 from __future__ import annotations
@@ -33,9 +39,18 @@ CHUNK = 1_000  # arguments per step; even, so field/value pairs stay whole
 SCRIPT = """
 local a, n = 1, #ARGV
 while a <= n do
+  local command, key = ARGV[a], KEYS[tonumber(ARGV[a + 1])]
   local first = a + 3
   local last = first + tonumber(ARGV[a + 2]) - 1
-  redis.call(ARGV[a], KEYS[tonumber(ARGV[a + 1])], unpack(ARGV, first, last))
+  if command == 'XADD?' then
+    local reply = redis.pcall('XADD', key, unpack(ARGV, first, last))
+    if type(reply) == 'table' and reply.err
+        and not string.find(tostring(reply.err), 'equal or smaller', 1, true) then
+      return reply
+    end
+  else
+    redis.call(command, key, unpack(ARGV, first, last))
+  end
   a = last + 1
 end
 return n
@@ -70,6 +85,27 @@ class WriteBatch:
         for field, value in mapping.items():
             flat += (field, value)
         self._chunked("HSET", name, flat)
+
+    def xadd(
+        self,
+        name: Name,
+        fields: Mapping[str, Value],
+        entry_id: str = "*",
+        *,
+        maxlen: int | None = None,
+        may_exist: bool = False,
+    ) -> None:
+        """XADD; `maxlen` trims exactly (not `~`). `may_exist`: an explicit `entry_id`
+        the stream already holds (or passed) is skipped, not an error."""
+        args: list[Value] = [] if maxlen is None else ["MAXLEN", maxlen]
+        args.append(entry_id)
+        for field, value in fields.items():
+            args += (field, value)
+        self._step("XADD?" if may_exist else "XADD", name, args)
+
+    def xtrim_minid(self, name: Name, minid: str) -> None:
+        """XTRIM MINID, exact: entries with smaller ids go."""
+        self._step("XTRIM", name, ("MINID", minid))
 
     def _chunked(self, command: str, name: Name, flat: list[Value]) -> None:
         for start in range(0, len(flat), CHUNK):

@@ -107,3 +107,45 @@ async def test_a_batch_redis_refuses_raises_and_writes_nothing(
         finally:
             await redis.config_set("min-replicas-to-write", 0)
         assert await redis.exists("h") == 0
+
+
+async def test_an_xadd_that_may_exist_skips_an_id_already_stored(redis: Redis) -> None:
+    await redis.xadd("s", {"n": "1"}, id="1-0")
+    batch = WriteBatch()
+    batch.xadd("s", {"n": "1"}, "1-0", may_exist=True)  # a save sent again
+    batch.xadd("s", {"n": "2"}, "2-0", may_exist=True)
+    batch.hset("after", {"ran": "yes"})
+    await batch.execute(write_batch_script(redis))
+    assert [fields for _, fields in await redis.xrange("s")] == [{b"n": b"1"}, {b"n": b"2"}]
+    assert await redis.hget("after", "ran") == b"yes"
+
+
+async def test_an_xadd_that_must_be_new_or_another_error_stops_the_batch(redis: Redis) -> None:
+    await redis.xadd("s", {"n": "1"}, id="5-0")
+    script = write_batch_script(redis)
+    batch = WriteBatch()
+    batch.xadd("s", {"n": "1"}, "5-0")
+    batch.hset("after", {"ran": "yes"})
+    with pytest.raises(ResponseError, match="equal or smaller"):
+        await batch.execute(script)
+    await redis.hset("not-a-stream", mapping={"a": "1"})
+    batch = WriteBatch()
+    batch.xadd("not-a-stream", {"n": "1"}, "1-0", may_exist=True)
+    batch.hset("after", {"ran": "yes"})
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await batch.execute(script)
+    assert await redis.exists("after") == 0
+
+
+async def test_stream_trims_are_exact(redis: Redis) -> None:
+    batch = WriteBatch()
+    for n in range(1, 8):
+        batch.xadd("s", {"n": str(n)}, f"{n}-0")
+    batch.xtrim_minid("s", "3-0")
+    for n in range(5):
+        batch.xadd("dead", {"n": str(n)}, maxlen=3)
+    await batch.execute(write_batch_script(redis))
+    assert [entry_id for entry_id, _ in await redis.xrange("s")] == [
+        f"{n}-0".encode() for n in range(3, 8)
+    ]
+    assert [fields[b"n"] for _, fields in await redis.xrange("dead")] == [b"2", b"3", b"4"]
