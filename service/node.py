@@ -25,7 +25,7 @@ from service.cache.service import CacheService
 from service.cache.store import RedisCacheStore
 from service.config import ConfigError, Settings, resolve_peer_ids
 from service.dedup import Deduplicated, DedupTable
-from service.gc_policy import GcFreezer, GcPauseRecorder
+from service.gc_policy import GcFreezer, GcPauseRecorder, YoungThreshold
 from service.kv.machine import KvStateMachine
 from service.locks.service import LockService
 from service.loop_lag import LoopLagMonitor
@@ -102,6 +102,7 @@ class Node:
     loop_lag: LoopLagMonitor = field(init=False)
     gc_pauses: GcPauseRecorder = field(init=False)
     gc_freezer: GcFreezer | None = None
+    gc_young: YoungThreshold | None = None
 
     def __post_init__(self) -> None:
         self.metrics = NodeMetrics(self.settings.node_id)
@@ -177,6 +178,9 @@ class Node:
             # After the state is loaded: what survives a collection now lives long.
             self.gc_freezer = GcFreezer(settings.gc_refreeze_seconds)
             self.gc_freezer.start()
+        if settings.gc_young_threshold > 0:
+            self.gc_young = YoungThreshold(settings.gc_young_threshold)
+            self.gc_young.apply()
         log.info(
             "node started",
             extra={"url": self.self_url, "peers": peers, "mode": settings.mode},
@@ -458,6 +462,8 @@ class Node:
             await self.embedded.stop()
         if self.gc_freezer is not None:
             await self.gc_freezer.stop()
+        if self.gc_young is not None:
+            self.gc_young.restore()
         await self.gc_pauses.stop()
         await self.loop_lag.stop()
         self._stopped.set()

@@ -91,6 +91,7 @@ def test_every_setting_from_environment() -> None:
             "HEARTBEAT_TICKS": "3",
             "SNAPSHOT_THRESHOLD": "500",
             "GC_REFREEZE_SECONDS": "0",
+            "GC_YOUNG_THRESHOLD": "0",
             "MAX_BODY_BYTES": "2048",
             "REDIS_PORT": "7000",
         }
@@ -108,6 +109,7 @@ def test_every_setting_from_environment() -> None:
     assert (settings.tick_ms, settings.election_ticks, settings.heartbeat_ticks) == (20, 15, 3)
     assert settings.snapshot_threshold == 500
     assert settings.gc_refreeze_seconds == 0
+    assert settings.gc_young_threshold == 0
     assert settings.max_body_bytes == 2048
     assert settings.redis_port == 7000
 
@@ -697,3 +699,10 @@ def test_cache_settings_are_read_and_checked() -> None:
     )
     assert error_of({"NODE_ID": "n", "CACHE_MAX_ENTRIES": "0"}).startswith("CACHE_MAX_ENTRIES")
     assert error_of({"NODE_ID": "n", "CACHE_LEASE_MS": "5"}).startswith("CACHE_LEASE_MS")
+
+
+def test_gc_young_threshold_defaults_and_bounds() -> None:
+    assert load({"NODE_ID": "node1"}).gc_young_threshold == 5000
+    assert load({"NODE_ID": "node1", "GC_YOUNG_THRESHOLD": "700"}).gc_young_threshold == 700
+    with pytest.raises(ConfigError, match="GC_YOUNG_THRESHOLD: -1 is out of range"):
+        load({"NODE_ID": "node1", "GC_YOUNG_THRESHOLD": "-1"})

@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 
-from service.gc_policy import MAX_BACKOFF, GcFreezer, GcPauseRecorder
+from service.gc_policy import MAX_BACKOFF, GcFreezer, GcPauseRecorder, YoungThreshold
 
 
 def test_every_collection_is_reported_with_its_generation() -> None:
@@ -180,3 +180,19 @@ def test_a_refreeze_sets_the_next_interval_from_what_it_collected() -> None:
         assert freezer.interval_seconds == min(interval * 2, 120), "little garbage: longer"
     finally:
         gc.unfreeze()
+
+
+def test_young_threshold_is_set_while_applied_and_the_old_one_comes_back() -> None:
+    before = gc.get_threshold()
+    young = YoungThreshold(before[0] + 4321)
+    young.apply()
+    try:
+        assert gc.get_threshold() == (before[0] + 4321, *before[1:])
+        young.apply()  # twice: still restores the process's own setting
+    finally:
+        young.restore()
+    assert gc.get_threshold() == before
+    young.restore()  # a second restore changes nothing
+    assert gc.get_threshold() == before
+    with pytest.raises(ValueError):
+        YoungThreshold(0)  # gc.set_threshold(0) would turn collection off
