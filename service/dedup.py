@@ -75,8 +75,13 @@ class _Entry:
         return _Entry(index, op, digest, _to_json(record["result"]))
 
 
+# Built once: json.dumps with any non-default option builds a new encoder per call, and
+# every replica runs both for every applied command that carries a request_id.
+_RESULT_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
 def _to_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    return _RESULT_ENCODER.encode(value)
 
 
 def _canonical(value: object) -> object:
@@ -88,11 +93,14 @@ def _canonical(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not fingerprintable")
 
 
+_ARGS_ENCODER = json.JSONEncoder(sort_keys=True, default=_canonical)
+
+
 def _digest(args: Any) -> str:
     """A fingerprint of the arguments, identical on every replica for equal args (key
     order does not matter: a retry may re-encode its arguments)."""
     try:
-        canonical = json.dumps(args, sort_keys=True, default=_canonical)
+        canonical = _ARGS_ENCODER.encode(args)
     except (TypeError, ValueError):
         # Mixed-type keys and the like: repr is still deterministic for the plain
         # values a decoded log entry can hold.

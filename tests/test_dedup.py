@@ -133,3 +133,14 @@ def test_entry_encoding_is_the_canonical_json_record(
     record = {"index": index, "op": op, "args": digest, "result": result}
     assert entry.encode() == json.dumps(record, separators=(",", ":"), sort_keys=True)
     assert _Entry.decode(entry.encode()) == entry
+
+
+def test_stored_forms_do_not_change_between_versions() -> None:
+    """Digests and results are stored in Redis and in snapshots: a node upgraded in place
+    must compute the same bytes, or it refuses retries of requests applied before."""
+    from service.dedup import _digest, _to_json
+
+    args = {"name": "l", "owner": "o", "ttl_ms": 5000, "data": b"\x01", "z": None, "a": [1, "é"]}
+    assert _digest(args) == "add528dc79713513"
+    result = {"status": "ok", "token": 7, "b": [1.5, None], "a": "é"}
+    assert _to_json(result) == '{"a":"\\u00e9","b":[1.5,null],"status":"ok","token":7}'

@@ -51,6 +51,12 @@ class RedisRaftStorage:
     def __init__(self, redis: Redis) -> None:
         _require_bytes_client(redis)
         self._redis = redis
+        # No log entry has an index above this, when known (this object is the only
+        # writer; None after a failed write or before the first). An append that starts
+        # right after it cannot meet a conflicting suffix, so it is a lone ZADD (atomic
+        # by itself) instead of MULTI, ZREMRANGEBYSCORE, ZADD, EXEC: most appends, as a
+        # leader never overwrites its log and a follower rarely does.
+        self._log_end: int | None = None
 
     async def load_hard_state(self) -> HardState:
         return decode_hard_state(_raw(await self._redis.hgetall(keys.HARD_STATE)))
@@ -100,6 +106,17 @@ class RedisRaftStorage:
         snapshot: Snapshot | None,
     ) -> None:
         check_write(entries, snapshot)
+        known_end, self._log_end = self._log_end, None  # unknown until the write is done
+        if (
+            snapshot is None
+            and hard_state is None
+            and entries
+            and known_end is not None
+            and entries[0].index == known_end + 1
+        ):
+            await self._redis.zadd(keys.LOG, {encode_entry(e): e.index for e in entries})
+            self._log_end = entries[-1].index
+            return
         keep_suffix = snapshot is not None and await self._keeps_suffix(snapshot.meta)
         async with self._redis.pipeline(transaction=True) as pipe:
             if snapshot is not None:
@@ -118,6 +135,12 @@ class RedisRaftStorage:
                     pipe.hdel(keys.HARD_STATE, "vote")
             if len(pipe):
                 await pipe.execute()
+        if entries:
+            self._log_end = entries[-1].index
+        elif snapshot is not None and not keep_suffix:
+            self._log_end = snapshot.meta.index  # the log was dropped
+        else:
+            self._log_end = known_end
 
     async def _keeps_suffix(self, meta: SnapshotMeta) -> bool:
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -109,6 +109,65 @@ async def test_append_replaces_a_conflicting_suffix(backend: Backend) -> None:
     assert await whole_log(backend.raft) == log(1, 1) + replacement
 
 
+async def test_append_after_appends_replaces_a_conflicting_suffix(backend: Backend) -> None:
+    # The same, after appends that each extended the log (the Redis store sends those as
+    # a lone ZADD and must still drop the suffix when a batch starts inside the log).
+    await backend.raft.append(log(1, 1))
+    await backend.raft.append(log(1, 1, 1, start=3))
+    replacement = [Entry(4, 2, EntryKind.NORMAL, b"new4")]
+    await backend.raft.append(replacement)
+    await backend.raft.append(log(2, start=5))
+    await backend.reopen()
+    assert await whole_log(backend.raft) == log(1, 1, 1) + replacement + log(2, start=5)
+
+
+async def test_an_append_extending_the_log_is_one_command(redis_backend: Backend) -> None:
+    redis = redis_backend.redis
+    assert redis is not None
+    await redis_backend.raft.append(log(1, 1))
+    sent: list[str] = []
+    pipelines: list[bool] = []
+    real_execute, real_pipeline = redis.execute_command, redis.pipeline
+
+    async def spy_execute(*args, **options):  # type: ignore[no-untyped-def]
+        sent.append(str(args[0]))
+        return await real_execute(*args, **options)
+
+    def spy_pipeline(transaction: bool = True, shard_hint: str | None = None):  # type: ignore[no-untyped-def]
+        pipelines.append(transaction)
+        return real_pipeline(transaction=transaction, shard_hint=shard_hint)
+
+    redis.execute_command = spy_execute  # type: ignore[method-assign]
+    redis.pipeline = spy_pipeline  # type: ignore[method-assign]
+    await redis_backend.raft.append(log(1, 1, start=3))
+    assert sent == ["ZADD"] and pipelines == []
+    redis.execute_command, redis.pipeline = real_execute, real_pipeline  # type: ignore[method-assign]
+
+
+async def test_after_a_failed_append_the_next_one_drops_what_it_may_have_left(
+    redis_backend: Backend,
+) -> None:
+    """An append whose reply was lost may have been applied: the store no longer knows
+    where the log ends, so the next append drops any suffix first."""
+    redis = redis_backend.redis
+    assert redis is not None
+    await redis_backend.raft.append(log(1, 1))
+    real_zadd = redis.zadd
+
+    async def applied_then_lost(*args, **kwargs):  # type: ignore[no-untyped-def]
+        await real_zadd(*args, **kwargs)
+        raise ConnectionError("the reply was lost")
+
+    redis.zadd = applied_then_lost  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await redis_backend.raft.append(log(1, start=3))
+    redis.zadd = real_zadd  # type: ignore[method-assign]
+    replacement = [Entry(3, 2, EntryKind.NORMAL, b"other3")]  # a new leader's entry 3
+    await redis_backend.raft.append(replacement)
+    await redis_backend.reopen()
+    assert await whole_log(redis_backend.raft) == log(1, 1) + replacement
+
+
 async def test_append_refuses_non_consecutive_entries(backend: Backend) -> None:
     await backend.raft.append(log(1, 1))
     with pytest.raises(ValueError, match="consecutive"):
