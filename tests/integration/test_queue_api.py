@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from service.cluster import LocalCluster, http_json
+from service.placement import partition_for
 from tests.integration.conftest import REDIS_PORT_OFFSET
 
 pytestmark = pytest.mark.slow
@@ -182,6 +183,37 @@ def test_publish_with_an_id_is_stored_once(c: LocalCluster) -> None:
     assert first[0] == again[0] == 201
     assert again[1]["duplicate"] is True and again[1]["partition"] == first[1]["partition"]
     assert len(drain(c, q, 2, timeout=1.5)) == 1
+
+
+def test_a_keyless_batch_goes_to_one_partition_and_a_re_sent_one_is_stored_once(
+    c: LocalCluster,
+) -> None:
+    q = new_queue(c, partitions=8)
+    path = f"/v1/queues/{q}/messages"
+    batch = {"messages": [{"body": i, "id": f"b-{i}"} for i in range(10)]}
+    status, first = call(c, 0, "POST", path, batch)
+    assert status == 201 and {m["partition"] for m in first} == {
+        partition_for("b-0", 8, counter=0)  # where the first one's id hashes
+    }
+    status, again = call(c, 1, "POST", path, batch)
+    assert status == 201 and all(m["duplicate"] for m in again)
+    assert [m["partition"] for m in again] == [m["partition"] for m in first]
+    # Without ids: each request whole in one partition, requests round-robin.
+    parts = []
+    for n in range(8):
+        status, reply = call(c, 2, "POST", path, {"messages": [{"body": n}] * 5})
+        assert status == 201 and len({m["partition"] for m in reply}) == 1, reply
+        parts.append(reply[0]["partition"])
+    assert sorted(parts) == list(range(8))
+    # Keyed messages in a batch still go where their key hashes.
+    mixed = [{"body": "k1", "key": "k1"}, {"body": "a"}, {"body": "k2", "key": "k2"},
+             {"body": "b"}]  # fmt: skip
+    status, reply = call(c, 0, "POST", path, {"messages": mixed})
+    assert status == 201
+    assert reply[0]["partition"] == partition_for("k1", 8, counter=0)
+    assert reply[2]["partition"] == partition_for("k2", 8, counter=0)
+    assert reply[1]["partition"] == reply[3]["partition"]
+    assert len(drain(c, q, 10 + 40 + 4, timeout=5)) == 54
 
 
 def test_full_queue_answers_429(c: LocalCluster) -> None:
