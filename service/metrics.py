@@ -75,6 +75,11 @@ class _PeerTrafficCollector(Collector):
         yield from (messages, failures, sockets)
 
 
+_HTTP_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
+
+
 class NodeMetrics:
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
@@ -176,6 +181,7 @@ class NodeMetrics:
             buckets=_FAST_BUCKETS,
             registry=r,
         )
+        self._http_children: dict[tuple[str, str, int], Histogram] = {}
         # Service metrics; the services update them.
         self.lock_acquisitions = Counter(
             "dsync_lock_acquisitions_total", "Lock grants", [*n, "mode"], registry=r
@@ -258,6 +264,20 @@ class NodeMetrics:
             [*n, "peer"],
             registry=r,
         )
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        """`http_request_seconds` for one request. The labelled child is looked up in a
+        dict of this node's own: prometheus_client's labels() checks and converts every
+        label and takes a lock, a visible share of a cache hit's CPU. A method outside
+        HTTP's own is counted as OTHER, so clients cannot grow either without bound."""
+        if method not in _HTTP_METHODS:
+            method = "OTHER"
+        key = (route, method, status)
+        child = self._http_children.get(key)
+        if child is None:
+            child = self.http_request_seconds.labels(self.node_id, route, method, str(status))
+            self._http_children[key] = child
+        child.observe(seconds)
 
     def set_role(self, role: str) -> None:
         for candidate in ROLES:

@@ -297,6 +297,4 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         metrics = request.app[METRICS_KEY]
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
-        metrics.http_request_seconds.labels(
-            metrics.node_id, name, request.method, str(status)
-        ).observe(time.perf_counter() - started)
+        metrics.observe_http(name, request.method, status, time.perf_counter() - started)
