@@ -11,9 +11,9 @@ Redis layout of partition P of queue Q (readable with redis-cli):
                                    count|consumer (pending), w:<offset> (set aside)
     dsync:q:Q:P:dead       stream  dead letters: group, count, offset, id, key, body
 
-Every save is one atomic script call (storage/write_batch.py): with `appendfsync always`,
-durable and all-or-nothing when the reply arrives, so a replica acknowledges only what
-survives kill -9.
+Every save is one atomic script call (storage/write_batch.py; a full copy, one MULTI/EXEC):
+with `appendfsync always`, durable and all-or-nothing when the reply arrives, so a replica
+acknowledges only what survives kill -9.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ class RedisPartitionStore:
                 full.group_fields[(name, f"w:{offset}")] = "1"
         _queue_writes(batch, base, full)
         batch.hset(base + ":meta", _meta_fields(position, state))
-        await batch.execute(self._script)
+        await batch.execute_as_transaction(self._redis)  # a whole partition: maybe GiBs
 
     async def load(self, queue: str, partition: int) -> tuple[PartitionState, Position]:
         base = base_key(queue, partition)

@@ -149,3 +149,34 @@ async def test_stream_trims_are_exact(redis: Redis) -> None:
         f"{n}-0".encode() for n in range(3, 8)
     ]
     assert [fields[b"n"] for _, fields in await redis.xrange("dead")] == [b"2", b"3", b"4"]
+
+
+async def test_the_same_batch_as_a_transaction_writes_the_same(redis: Redis) -> None:
+    """`execute_as_transaction` (for batches too large for one command) against the
+    script: same writes, same tolerance of an XADD already made, same errors."""
+
+    def batch_of(prefix: str) -> WriteBatch:
+        batch = WriteBatch()
+        batch.delete(prefix + "h")
+        batch.hset(prefix + "h", {f"f{i}": str(i) for i in range(1_200)})  # two steps
+        batch.hdel(prefix + "h", ["f0", "f1"])
+        batch.xadd(prefix + "s", {"n": "1"}, "1-0", may_exist=True)  # made already
+        batch.xadd(prefix + "s", {"n": "2"}, "2-0", may_exist=True)
+        batch.xadd(prefix + "dead", {"n": "x"}, maxlen=1)
+        batch.xtrim_minid(prefix + "s", "2-0")
+        return batch
+
+    for prefix in ("script:", "multi:"):
+        await redis.hset(prefix + "h", mapping={"stale": "1"})
+        await redis.xadd(prefix + "s", {"n": "1"}, id="1-0")
+    await batch_of("script:").execute(write_batch_script(redis))
+    await batch_of("multi:").execute_as_transaction(redis)
+    assert await redis.hgetall("multi:h") == await redis.hgetall("script:h")
+    assert await redis.xrange("multi:s") == await redis.xrange("script:s")
+    dead = [[fields for _, fields in await redis.xrange(p + "dead")] for p in ("multi:", "script:")]
+    assert dead[0] == dead[1] == [{b"n": b"x"}]  # ids are the server's clock: not compared
+    assert await redis.hlen("multi:h") == 1_198
+    again = WriteBatch()
+    again.xadd("multi:s", {"n": "2"}, "2-0")  # must be new: an error, as from the script
+    with pytest.raises(ResponseError, match="equal or smaller"):
+        await again.execute_as_transaction(redis)
