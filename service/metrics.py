@@ -160,6 +160,13 @@ class NodeMetrics:
             buckets=_FAST_BUCKETS,
             registry=r,
         )
+        self.gc_young_threshold = Gauge(
+            "dsync_gc_young_threshold",
+            "Net new objects between collections of Python's youngest generation "
+            "(GC_YOUNG_THRESHOLD, or Python's own when that is 0)",
+            n,
+            registry=r,
+        )
         self.gc_pause_seconds = Histogram(
             "dsync_gc_pause_seconds",
             "Garbage-collector pauses, by generation (2 = a full collection)",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import random
 from dataclasses import dataclass, field
@@ -181,6 +182,7 @@ class Node:
         if settings.gc_young_threshold > 0:
             self.gc_young = YoungThreshold(settings.gc_young_threshold)
             self.gc_young.apply()
+        self.metrics.gc_young_threshold.labels(self.node_id).set(gc.get_threshold()[0])
         log.info(
             "node started",
             extra={"url": self.self_url, "peers": peers, "mode": settings.mode},

@@ -287,6 +287,8 @@ def test_lock_metrics_are_exported(c: LocalCluster) -> None:
                    "dsync_lock_acquire_seconds_bucket", "dsync_lock_held",
                    "dsync_lock_deadlocks_total", "dsync_lock_expiries_total"):
         assert series in text, series
+    # GC_YOUNG_THRESHOLD's default is in force in the node process.
+    assert f'dsync_gc_young_threshold{{node="node{leader + 1}"}} 5000.0' in text
 
 
 def test_metrics_show_the_peer_sockets_and_raft_traffic(c: LocalCluster) -> None:
