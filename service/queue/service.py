@@ -594,11 +594,9 @@ class QueueService(ReplicationMixin, ControlMixin):
                     statuses[pos] = "nacked"
             if ops:
                 replica.apply_local(ops, lazy=True)
-                if delay_ms is not None:
-                    # A consumer woken now finds it still delayed, and arms the timer
-                    # for when the delay ends as it waits again.
-                    self._messages_arrived(replica)
-                elif frees_key:
+                if delay_ms is not None or frees_key:
+                    # (After a nack, a consumer woken now finds the message still
+                    # delayed, and arms the timer for when the delay ends as it waits.)
                     self._messages_arrived(replica)
         acked = statuses.count("acked")
         if acked:

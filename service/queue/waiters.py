@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
+from typing import TypeVar
 
 # A consumer's place in line, longest waiting first. Leaving the line (a timeout) and
 # taking its head both cost no walk of it: with thousands of consumers long-polling one
 # queue, a deque's remove() walked the line on every wake-up. (A plain dict would walk
 # the deleted entries at its front to find the head.)
 Line = OrderedDict[asyncio.Future[None], None]
+T = TypeVar("T")
 
 
 class MessageWaiters:
@@ -54,7 +56,7 @@ class MessageWaiters:
         future: asyncio.Future[None] = loop.create_future()
         line = self._waiting.setdefault(queue, {}).setdefault(group, OrderedDict())
         line[future] = None
-        timer = loop.call_later(max(0.0, timeout), _settle, future)
+        timer = loop.call_later(max(0.0, timeout), _resolve, future, None)
         try:
             await future
         finally:
@@ -68,7 +70,7 @@ class MessageWaiters:
         future: asyncio.Future[bool] = loop.create_future()
         watches = self._watches.setdefault(queue, set())
         watches.add(future)
-        timer = loop.call_later(max(0.0, timeout), _answer, future, False)
+        timer = loop.call_later(max(0.0, timeout), _resolve, future, False)
         try:
             return await future
         finally:
@@ -100,7 +102,7 @@ class MessageWaiters:
         for line in list(self._waiting.get(queue, {}).values()):
             _wake_first(line)
         for future in list(self._watches.get(queue, ())):
-            _answer(future, True)
+            _resolve(future, True)
 
     def _drop_if_empty(self, queue: str, group: str) -> None:
         groups = self._waiting.get(queue)
@@ -120,11 +122,7 @@ def _wake_first(line: Line) -> None:
             return
 
 
-def _settle(future: asyncio.Future[None]) -> None:
-    with contextlib.suppress(asyncio.InvalidStateError):
-        future.set_result(None)
-
-
-def _answer(future: asyncio.Future[bool], value: bool) -> None:
+def _resolve(future: asyncio.Future[T], value: T) -> None:
+    """Set the result unless the future is done already (woken, or cancelled)."""
     with contextlib.suppress(asyncio.InvalidStateError):
         future.set_result(value)
