@@ -26,8 +26,9 @@ Node (LineCache), by line state:
     M    as E, but write: version + 1; Inv: InvAck with the dirty value;
          FwdGetS/FwdGetM: FwdDone carries the write-back; evict: PutM(value)
     evicting E/M (buffer until PutAck): ops wait; Fwd* answered from the buffer
-    any  Data: install the grant, Unblock, serve queued ops; late Data/Inv/Fwd/PutAck
-         (older txn) dropped; a grant's value never replaces a newer one
+    any  Data: install the grant, Unblock (the recovering node: for E/M grants only),
+         serve queued ops; late Data/Inv/Fwd/PutAck (older txn) dropped; a grant's
+         value never replaces a newer one
 
 Home (Directory), by entry state, when idle (busy: GetS/GetM/Put* queue FIFO):
     I      GetS: Data(E)  GetM: Data(M)
@@ -38,6 +39,7 @@ Home (Directory), by entry state, when idle (busy: GetS/GetM/Put* queue FIFO):
            (owner had nothing: serve from the home's value)
            PutE/PutM (same grant): -> I, take the write-back; PutAck (always)
     busy   InvAck / FwdDone / Unblock of the running txn advance it; others dropped
+           (the recovering home ends a shared grant's txn without an Unblock)
 """
 
 from service.cache.checker import HistoryChecker, Violation

@@ -10,6 +10,8 @@ Design choices, and why:
   that arrive meanwhile wait in a FIFO queue. So however the network reorders
   messages, a node never receives a message of transaction n+1 for a key before it has
   finished transaction n, which lets the nodes get by without transient states.
+  (RecoveringDirectory ends a shared grant's transaction without waiting for its
+  Unblock; its nodes' txn floors make that safe: see recovery.py.)
 - Writes complete only once every other copy is gone: on GetM the home invalidates all
   sharers and sends Data(M) only after the last InvAck (or lease expiry); the requester
   applies the write on arrival, so a write is acknowledged only when it is the sole copy.
@@ -389,6 +391,7 @@ class Directory:
                 ),
             )
             txn.granted = True
+            self._granted_shared(txn, now)
         elif want is State.M and others:
             for node in others:
                 txn.acks[node] = entry.leases[node]
@@ -451,6 +454,8 @@ class Directory:
                 entry.sharers[msg.sender] = txn.id
                 entry.leases[msg.sender] = now + self.lease_ms
         txn.granted = True
+        if txn.want is State.S:
+            self._granted_shared(txn, now)
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -466,6 +471,10 @@ class Directory:
             Data(entry.key, self.node, txn.id, state, entry.data, entry.version),
         )
         txn.granted = True
+
+    def _granted_shared(self, txn: _Txn, now: int) -> None:
+        """A shared copy is on its way to the requester. This home waits for its Unblock
+        (RecoveringDirectory does not: see recovery.py)."""
 
     def _disown(self, entry: DirEntry) -> None:
         entry.state = DirState.I

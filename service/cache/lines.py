@@ -371,13 +371,23 @@ class LineCache:
             installed = Line(key, msg.state, msg.data, msg.version, msg.txn, lease_until)
         self._store(installed, used=True)
         out.dirty.add(key)
-        out.send(self.home_of(key), Unblock(key, self.node, msg.txn))
+        self._acknowledge_grant(msg, out)
         if pending is not None:
             # A grant answers our request if it gives at least what we asked for (an
             # older S grant, e.g. for a request from before a restart, does not).
             if pending.request is State.S or msg.state in (State.E, State.M):
                 pending.request = None
-            self._run(key, now, out, granted=True)
+            self._run(key, now, out, granted=self._grant_serves_late_ops(msg))
+
+    def _grant_serves_late_ops(self, msg: Data) -> bool:
+        """Whether a shared grant serves the queued ops even past its lease: here yes, as
+        the home waits for our Unblock before any later write (see the module docstring)."""
+        return True
+
+    def _acknowledge_grant(self, msg: Data, out: _Out) -> None:
+        """Unblock: the home keeps the key's next transaction waiting until the grant
+        has arrived (RecoveringLineCache leaves shared grants unacknowledged)."""
+        out.send(self.home_of(msg.key), Unblock(msg.key, self.node, msg.txn))
 
     def _on_inv(self, msg: Inv, out: _Out) -> None:
         key = msg.key

@@ -266,6 +266,9 @@ class RecoveringDirectory(Directory):
                     actions[i] = Send(action.to, replace(message, req=running[1]))
         return actions
 
+    def _granted_shared(self, txn: _Txn, now: int) -> None:
+        txn.unblocked_at = now  # no Unblock comes for a shared grant (recovery.py)
+
     # ---- helpers -------------------------------------------------------------------------
 
     def _req_for(self, key: str, txn: int) -> int:
