@@ -17,7 +17,7 @@ import pytest
 from service.cluster import LocalCluster, http_json
 from service.transport.calls import CALLS_PATH
 from service.transport.http import RAFT_PATH
-from tests.integration.conftest import running_cluster
+from tests.integration.conftest import running_cluster, wait_until_cache_started
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +72,8 @@ def test_queue_through_a_follower(secured: LocalCluster) -> None:
 
 
 def test_cache_across_nodes(secured: LocalCluster) -> None:
+    # Run alone (-k cache), this test can come before a cache has finished starting.
+    wait_until_cache_started(secured)
     first, second = secured.nodes[0].url, secured.nodes[1].url
     status, body = http_json("PUT", first + "/v1/cache/sec-key", {"value": "v1"}, timeout=10)
     assert status == 200, body
