@@ -260,7 +260,8 @@ class RecoveringLineCache(LineCache):
         held = self._lines.get(key)
         exclusive = key in self._evicting or (held is not None and held.state in (State.M, State.E))
         if not answers and not exclusive:
-            # Acknowledge it (the home waits for that), keep nothing that could serve.
+            # Acknowledge an exclusive grant (the home waits for that); keep nothing
+            # that could serve.
             self.unmatched += 1
             version = max(msg.version, held.version if held is not None else 0)
             self._store(Line(key, State.I, None, version, msg.txn))
