@@ -72,7 +72,7 @@ still acknowledged: a forward that overtakes one costs the new owner its grant, 
 write a re-sent request. Tried on the benchmark without those Unblocks too, forwards
 overtook grants about 75 times a second per node (a grant from an old owner travels one
 hop, the next forward two, but on links that are busier), write p99 went from 90 ms to
-1.04 s and throughput fell 4-7%; asking again at once instead of after `resend_ms` did
+1.04 s and throughput fell 4-8%; asking again at once instead of after `resend_ms` did
 not win it back. A node still answers a repeated shared grant (same txn) with an
 Unblock, for a home of an older version, which waits for one and re-sends the grant
 until it comes.
