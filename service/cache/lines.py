@@ -371,23 +371,22 @@ class LineCache:
             installed = Line(key, msg.state, msg.data, msg.version, msg.txn, lease_until)
         self._store(installed, used=True)
         out.dirty.add(key)
-        self._acknowledge_grant(msg, out)
+        awaited = self._home_awaits_unblock(msg)
+        if awaited:
+            out.send(self.home_of(key), Unblock(key, self.node, msg.txn))
         if pending is not None:
             # A grant answers our request if it gives at least what we asked for (an
             # older S grant, e.g. for a request from before a restart, does not).
             if pending.request is State.S or msg.state in (State.E, State.M):
                 pending.request = None
-            self._run(key, now, out, granted=self._grant_serves_late_ops(msg))
+            self._run(key, now, out, granted=awaited)
 
-    def _grant_serves_late_ops(self, msg: Data) -> bool:
-        """Whether a shared grant serves the queued ops even past its lease: here yes, as
-        the home waits for our Unblock before any later write (see the module docstring)."""
+    def _home_awaits_unblock(self, msg: Data) -> bool:
+        """Whether the home holds the key's next transaction until this grant's Unblock:
+        here always (RecoveringLineCache: not for shared grants). Only such a grant serves
+        the ops queued for it even past its lease, since no later write can have completed
+        before it arrived (see the module docstring)."""
         return True
-
-    def _acknowledge_grant(self, msg: Data, out: _Out) -> None:
-        """Unblock: the home keeps the key's next transaction waiting until the grant
-        has arrived (RecoveringLineCache leaves shared grants unacknowledged)."""
-        out.send(self.home_of(msg.key), Unblock(msg.key, self.node, msg.txn))
 
     def _on_inv(self, msg: Inv, out: _Out) -> None:
         key = msg.key

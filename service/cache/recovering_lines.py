@@ -266,18 +266,15 @@ class RecoveringLineCache(LineCache):
             version = max(msg.version, held.version if held is not None else 0)
             self._store(Line(key, State.I, None, version, msg.txn))
             out.dirty.add(key)
-            self._acknowledge_grant(msg, out)
+            if self._home_awaits_unblock(msg):
+                out.send(self.home_of(key), Unblock(key, self.node, msg.txn))
             return
         super()._on_data(msg, now, out)
 
-    def _acknowledge_grant(self, msg: Data, out: _LineOut) -> None:
-        if msg.state is State.S:
-            return  # the home does not wait for a shared grant (recovery.py)
-        super()._acknowledge_grant(msg, out)
-
-    def _grant_serves_late_ops(self, msg: Data) -> bool:
-        # Not a shared grant that arrives after its lease: the home, not waiting for an
-        # Unblock, may have dropped us without an Inv and let a write complete since.
+    def _home_awaits_unblock(self, msg: Data) -> bool:
+        # Not for a shared grant (recovery.py). So a shared grant that arrives after its
+        # lease serves nothing: the home may have dropped us without an Inv and let a
+        # write complete since.
         return msg.state is not State.S
 
     def _on_inv(self, msg: Inv, out: _LineOut) -> None:
