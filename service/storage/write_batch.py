@@ -35,17 +35,19 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 CHUNK = 1_000  # arguments per step; even, so field/value pairs stay whole
+MAY_EXIST = "XADD?"  # the step of an XADD that may have been made already
+ALREADY_STORED = "equal or smaller"  # in Redis's refusal of an XADD id not above the last
 
-SCRIPT = """
+SCRIPT = f"""
 local a, n = 1, #ARGV
 while a <= n do
   local command, key = ARGV[a], KEYS[tonumber(ARGV[a + 1])]
   local first = a + 3
   local last = first + tonumber(ARGV[a + 2]) - 1
-  if command == 'XADD?' then
+  if command == '{MAY_EXIST}' then
     local reply = redis.pcall('XADD', key, unpack(ARGV, first, last))
     if type(reply) == 'table' and reply.err
-        and not string.find(tostring(reply.err), 'equal or smaller', 1, true) then
+        and not string.find(tostring(reply.err), '{ALREADY_STORED}', 1, true) then
       return reply
     end
   else
@@ -101,7 +103,7 @@ class WriteBatch:
         args.append(entry_id)
         for field, value in fields.items():
             args += (field, value)
-        self._step("XADD?" if may_exist else "XADD", name, args)
+        self._step(MAY_EXIST if may_exist else "XADD", name, args)
 
     def xtrim_minid(self, name: Name, minid: str) -> None:
         """XTRIM MINID, exact: entries with smaller ids go."""
@@ -111,7 +113,7 @@ class WriteBatch:
         for start in range(0, len(flat), CHUNK):
             self._step(command, name, flat[start : start + CHUNK])
 
-    def _step(self, command: str, name: Name, args: Iterable[Value] | list[Value]) -> None:
+    def _step(self, command: str, name: Name, args: Iterable[Value]) -> None:
         number = self._index.get(name)
         if number is None:
             self._keys.append(name)
@@ -135,14 +137,14 @@ class WriteBatch:
         may_exist: set[int] = set()
         async with redis.pipeline(transaction=True) as pipe:
             for step, (command, name, args) in enumerate(self._steps()):
-                if command == "XADD?":
+                if command == MAY_EXIST:
                     may_exist.add(step)
                     command = "XADD"
                 pipe.execute_command(command, name, *args)
             results = await pipe.execute(raise_on_error=False)
         for step, result in enumerate(results):
             if isinstance(result, Exception) and not (
-                step in may_exist and "equal or smaller" in str(result)
+                step in may_exist and ALREADY_STORED in str(result)
             ):
                 raise result
 
