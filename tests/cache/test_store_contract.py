@@ -32,6 +32,7 @@ from tests.helpers.redis_server import (
     running_redis,
     wait_gone,
 )
+from tests.helpers.redis_spy import redis_calls
 
 NODE = "n1"
 M_LINE = {"state": "M", "version": "3", "txn": "7", "value": '{"a":1}'}
@@ -201,25 +202,12 @@ async def test_a_persist_is_one_command(backend: Backend) -> None:
         pytest.skip("Redis only")
     redis = backend.redis
     await backend.store.persist([PersistLine(NODE, "warm", M_LINE)])  # loads the script
-    pipelines: list[bool] = []
-    commands: list[str] = []
-    real_pipeline, real_execute = redis.pipeline, redis.execute_command
-
-    def spy_pipeline(transaction: bool = True, shard_hint: str | None = None):  # type: ignore[no-untyped-def]
-        pipelines.append(transaction)
-        return real_pipeline(transaction=transaction, shard_hint=shard_hint)
-
-    async def spy_execute(*args, **options):  # type: ignore[no-untyped-def]
-        commands.append(str(args[0]))
-        return await real_execute(*args, **options)
-
-    redis.pipeline = spy_pipeline  # type: ignore[method-assign]
-    redis.execute_command = spy_execute  # type: ignore[method-assign]
-    await backend.store.persist(
-        [PersistLine(NODE, f"k{i}", M_LINE) for i in range(50)] + [PersistLine(NODE, "warm", None)]
-    )
-    assert pipelines == [] and commands == ["EVALSHA"]
-    redis.pipeline, redis.execute_command = real_pipeline, real_execute  # type: ignore[method-assign]
+    with redis_calls(redis) as calls:
+        await backend.store.persist(
+            [PersistLine(NODE, f"k{i}", M_LINE) for i in range(50)]
+            + [PersistLine(NODE, "warm", None)]
+        )
+    assert calls.pipelines == [] and calls.commands == ["EVALSHA"]
     await backend.reopen()
     stored = await backend.store.load()
     assert stored.lines == {f"k{i}": M_LINE for i in range(50)}

@@ -17,6 +17,7 @@ from service.storage import keys
 from service.storage.protocols import HashWrite, RaftStorage
 from service.storage.redis_store import RedisRaftStorage, RedisStateStore
 from tests.helpers.redis_server import running_redis, wait_gone
+from tests.helpers.redis_spy import redis_calls
 
 from .conftest import Backend
 
@@ -125,23 +126,9 @@ async def test_an_append_extending_the_log_is_one_command(redis_backend: Backend
     redis = redis_backend.redis
     assert redis is not None
     await redis_backend.raft.append(log(1, 1))
-    sent: list[str] = []
-    pipelines: list[bool] = []
-    real_execute, real_pipeline = redis.execute_command, redis.pipeline
-
-    async def spy_execute(*args, **options):  # type: ignore[no-untyped-def]
-        sent.append(str(args[0]))
-        return await real_execute(*args, **options)
-
-    def spy_pipeline(transaction: bool = True, shard_hint: str | None = None):  # type: ignore[no-untyped-def]
-        pipelines.append(transaction)
-        return real_pipeline(transaction=transaction, shard_hint=shard_hint)
-
-    redis.execute_command = spy_execute  # type: ignore[method-assign]
-    redis.pipeline = spy_pipeline  # type: ignore[method-assign]
-    await redis_backend.raft.append(log(1, 1, start=3))
-    assert sent == ["ZADD"] and pipelines == []
-    redis.execute_command, redis.pipeline = real_execute, real_pipeline  # type: ignore[method-assign]
+    with redis_calls(redis) as calls:
+        await redis_backend.raft.append(log(1, 1, start=3))
+    assert calls.commands == ["ZADD"] and calls.pipelines == []
 
 
 async def test_after_a_failed_append_the_next_one_drops_what_it_may_have_left(

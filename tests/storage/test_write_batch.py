@@ -11,6 +11,7 @@ from redis.exceptions import ResponseError
 from service.storage.embedded import EmbeddedRedis
 from service.storage.write_batch import CHUNK, WriteBatch, write_batch_script
 from tests.helpers.redis_server import fresh_redis, redis_connector
+from tests.helpers.redis_spy import redis_calls
 
 
 @pytest.fixture(params=["fakeredis", "redis"])
@@ -78,16 +79,9 @@ async def test_the_script_loads_itself_again_after_redis_forgot_it(redis: Redis)
 
 
 async def test_an_empty_batch_sends_nothing(redis: Redis) -> None:
-    sent: list[object] = []
-    real = redis.execute_command
-
-    async def spy(*args, **options):  # type: ignore[no-untyped-def]
-        sent.append(args[0])
-        return await real(*args, **options)
-
-    redis.execute_command = spy  # type: ignore[method-assign]
-    await WriteBatch().execute(write_batch_script(redis))
-    assert sent == [] and len(WriteBatch()) == 0
+    with redis_calls(redis) as calls:
+        await WriteBatch().execute(write_batch_script(redis))
+    assert calls.commands == [] and calls.pipelines == [] and len(WriteBatch()) == 0
 
 
 async def test_a_batch_redis_refuses_raises_and_writes_nothing(
